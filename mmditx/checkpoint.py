@@ -1,0 +1,267 @@
+"""Reading checkpoints: everything every component needs, written once.
+
+`encoders` and `vae` import this module (and nothing else of `mmditx`).
+
+The safetensors format is tiny: 8 bytes little-endian header length N, N bytes of JSON
+{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the raw data.
+We parse the header ourselves so that every failure names the file and the key, and we map the data with
+`mmap` so a tensor is a zero-copy view of the file. Models are built on the meta device and the tensors are
+assigned into them, so loading never holds two copies of the weights:
+  - stored dtype == wanted dtype on CPU: the parameter *is* the memory-mapped view (no copy at all);
+  - otherwise each tensor is converted on its own and its file pages are dropped right after
+    (madvise DONTNEED), so the mapping never accumulates in resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used; the message says which file, which key and what to do."""
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """Accept torch dtypes or their short names ('fp32', 'fp16', 'bf16', 'fp8')."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp8": torch.float8_e4m3fn, "fp8_e4m3fn": torch.float8_e4m3fn, "float8_e4m3fn": torch.float8_e4m3fn,
+    }
+    try:
+        return names[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(names)}") from None
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped safetensors file. `tensor(key)` returns a zero-copy CPU view."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such file. Check the path (expected a .safetensors checkpoint).")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{self.path}: not a safetensors file (only {size} bytes). "
+                                      "Re-download it or point to the .safetensors file.")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or n + 8 > size:
+                raise CheckpointError(
+                    f"{self.path}: not a safetensors file (header length {n} does not fit a {size}-byte file). "
+                    "A .ckpt/.pt/.bin pickle is not supported: convert it to .safetensors, or re-download a truncated file.")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+        except (UnicodeDecodeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: not a safetensors file (header is not valid JSON: {e}).") from None
+        self.metadata: dict = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        data_size = size - self.data_start
+        for key, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: entry {key!r} of the header is malformed or has an "
+                                      f"unsupported dtype ({info!r}).") from None
+            if end > data_size:
+                raise CheckpointError(
+                    f"{self.path}: truncated file: tensor {key!r} ends at byte {self.data_start + end} but the file "
+                    f"has {size} bytes. The download or copy did not finish: fetch the file again.")
+            numel = 1
+            for s in shape:
+                numel *= s
+            if end - begin != numel * _itemsize(dtype):
+                raise CheckpointError(f"{self.path}: tensor {key!r} has {end - begin} bytes of data but its "
+                                      f"shape {list(shape)} and dtype {info['dtype']} need {numel * _itemsize(dtype)}.")
+            self.entries[key] = (dtype, shape, begin, end)
+        self._mmap: mmap.mmap | None = None
+        self._bytes: torch.Tensor | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.entries
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.entries[key][0]
+
+    def shapes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+        """{key without prefix: shape} for the keys under `prefix`: enough to infer a configuration."""
+        return {k[len(prefix):]: v[1] for k, v in self.entries.items() if k.startswith(prefix)}
+
+    def _data(self) -> torch.Tensor:
+        if self._bytes is None:
+            with open(self.path, "rb") as f:
+                # ACCESS_COPY: a private mapping, so torch may hold a writable view without touching the file.
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self._bytes = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        return self._bytes
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The stored tensor as a zero-copy view of the mapped file (CPU, stored dtype)."""
+        if key not in self.entries:
+            raise CheckpointError(f"{self.path}: key {key!r} not found.")
+        dtype, shape, begin, end = self.entries[key]
+        raw = self._data()[self.data_start + begin: self.data_start + end]
+        if (self.data_start + begin) % _itemsize(dtype):
+            raw = raw.clone()  # unaligned data (never written by the safetensors library): copy to align
+        return raw.view(dtype).reshape(shape)
+
+    def release(self, key: str) -> None:
+        """Drop the resident file pages of `key` (after it was copied/converted), keeping peak RSS down."""
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _, _, begin, end = self.entries[key]
+        page = mmap.PAGESIZE
+        start = (self.data_start + begin + page - 1) // page * page  # only whole pages inside the tensor
+        stop = (self.data_start + end) // page * page
+        if stop > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def open_safetensors(path: str | os.PathLike) -> SafetensorsFile:
+    return SafetensorsFile(path)
+
+
+def find_prefix(f: SafetensorsFile, candidates: Iterable[str], probe: str, what: str) -> str:
+    """Return the first prefix in `candidates` under which `probe` exists, else a clear error."""
+    for prefix in candidates:
+        if prefix + probe in f:
+            return prefix
+    found = sorted({k.split(".")[0] for k in f.keys()})
+    raise CheckpointError(
+        f"{f.path}: no {what} weights found (looked for {[p + probe for p in candidates]}). "
+        f"The file's top-level names are {found[:12]}: is this the right file?")
+
+
+def check_keys(
+    f: SafetensorsFile,
+    prefix: str,
+    expected: Mapping[str, tuple[int, ...]],
+    what: str,
+    ignore_unexpected: Callable[[str], bool] = lambda k: False,
+) -> None:
+    """Compare the file's keys under `prefix` with `expected` {name: shape}; raise naming file and keys."""
+    present = {k[len(prefix):]: f.shape(k) for k in f.keys() if k.startswith(prefix)}
+    missing = [k for k in expected if k not in present]
+    unexpected = [k for k in present if k not in expected and not ignore_unexpected(k)]
+    wrong = [(k, present[k], expected[k]) for k in expected if k in present and tuple(present[k]) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): " + ", ".join(prefix + k for k in missing[:8])
+                        + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): " + ", ".join(prefix + k for k in unexpected[:8])
+                        + (" ..." if len(unexpected) > 8 else ""))
+    if wrong:
+        problems.append("shape mismatch: " + "; ".join(
+            f"{prefix + k} is {list(got)} but the {what} expects {list(want)}" for k, got, want in wrong[:8]))
+    if problems:
+        raise CheckpointError(f"{f.path}: not a valid {what} checkpoint: " + " | ".join(problems)
+                              + ". Is this the right file for this model, and complete?")
+
+
+def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of a module's parameters and persistent buffers (works on the meta device)."""
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def assign_from_file(
+    module: nn.Module,
+    f: SafetensorsFile,
+    prefix: str,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    keep_dtype: Callable[[str], bool] = lambda k: False,
+    rename: Callable[[str], str] = lambda k: k,
+) -> nn.Module:
+    """Assign every parameter/buffer of `module` (usually built on the meta device) from `f`.
+
+    The file key of a module name `k` is `prefix + rename(k)`. `dtype=None` keeps the stored dtype;
+    `keep_dtype(k)` keeps it for chosen tensors (e.g. fp8 weights upcast per layer at compute time).
+    Call `check_keys` first for user-facing errors; this assumes the keys are right.
+    """
+    device = torch.device(device)
+    state = {}
+    for name in module.state_dict():
+        key = prefix + rename(name)
+        t = f.tensor(key)
+        want = t.dtype if (dtype is None or keep_dtype(name) or not t.dtype.is_floating_point) else dtype
+        if want != t.dtype or device.type != "cpu":
+            t = t.to(device=device, dtype=want, copy=True)
+            f.release(key)
+        state[name] = t
+    module.load_state_dict(state, assign=True, strict=True)
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    """Construct a module without allocating its weights (they are assigned from the file afterwards)."""
+    with torch.device("meta"):
+        return factory()
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write tensors in the safetensors format, streaming tensor by tensor (used to write test/benchmark
+    checkpoints of full size without holding them twice)."""
+    header, offset = {}, 0
+    # Largest elements first keeps every tensor aligned to its element size.
+    items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
+    for k, t in items:
+        nbytes = t.numel() * t.element_size()
+        header[k] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the safetensors library does
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for _, t in items:
+            out.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
