@@ -1,0 +1,12 @@
+"""MMDiT-X, the Stable Diffusion 3.5 Medium transformer, written to be read.
+
+    model = mmditx.load_mmditx("sd3.5_medium.safetensors", device="cpu", dtype=torch.float32)
+    v = model(x, t, context=context, y=pooled, skip_layers=())   # velocity, shaped like x
+"""
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, MMDiTXConfig, load_config
+from .loading import load_mmditx, read_config
+from .model import MMDiTX
+
+__all__ = ["MMDiTX", "MMDiTXConfig", "load_mmditx", "read_config", "load_config", "CheckpointError", "ConfigError"]

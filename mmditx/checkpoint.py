@@ -247,15 +247,29 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """Write tensors in the safetensors format, streaming tensor by tensor (used to write test/benchmark
-    checkpoints of full size without holding them twice)."""
-    header, offset = {}, 0
+    """Write tensors in the safetensors format."""
+    specs = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    write_safetensors_streaming(specs, tensors.__getitem__, path, metadata)
+
+
+def write_safetensors_streaming(
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], torch.Tensor],
+    path: str | os.PathLike,
+    metadata: dict | None = None,
+) -> None:
+    """Write a safetensors file tensor by tensor: `produce(key)` is called once per key, in file order, so a
+    full-size checkpoint (tests, benchmarks) never has to exist in memory at once."""
     # Largest elements first keeps every tensor aligned to its element size.
-    items = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
-    for k, t in items:
-        nbytes = t.numel() * t.element_size()
-        header[k] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    order = sorted(specs, key=lambda k: -_itemsize(specs[k][1]))
+    header, offset = {}, 0
+    for k in order:
+        shape, dtype = specs[k]
+        numel = 1
+        for s in shape:
+            numel *= s
+        header[k] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + numel * _itemsize(dtype)]}
+        offset += numel * _itemsize(dtype)
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -263,5 +277,9 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     with open(path, "wb") as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
-        for _, t in items:
+        for k in order:
+            t = produce(k)
+            shape, dtype = specs[k]
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{k}: produced {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dtype}")
             out.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())

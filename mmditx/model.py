@@ -1,0 +1,113 @@
+"""MMDiT-X: the SD3.5 Medium diffusion transformer, one forward pass top to bottom.
+
+    x (B, 16, H, W) latent, t (B,) = sigma * 1000, context (B, Lc, 4096), y (B, 2048)
+      -> patchify + cropped positional table        x   (B, H/2 * W/2, D)
+      -> c = t_embedder(t) + y_embedder(y)           c   (B, D)
+      -> context_embedder(context)                   ctx (B, Lc, D)
+      -> joint blocks (skipping `skip_layers`)
+      -> final adaLN layer + linear, unpatchify      v   (B, 16, H, W)  velocity prediction
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import JointBlock
+from .config import MMDiTXConfig
+from .layers import PatchEmbed, TimestepEmbedder, VectorEmbedder, modulate
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear to p*p*out_channels values per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class MMDiTX(nn.Module):
+    def __init__(self, config: MMDiTXConfig):
+        super().__init__()
+        self.config = cfg = config
+        D = cfg.hidden_size
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = VectorEmbedder(cfg.pooled_dim, D)
+        self.context_embedder = nn.Linear(cfg.context_dim, D)
+        # The table is a weight of the file (not recomputed): (1, max*max, D), cropped per input size.
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.pos_embed_max_size ** 2, D))
+        self.joint_blocks = nn.ModuleList(
+            JointBlock(D, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm,
+                       pre_only=(i == cfg.depth - 1), dual_attention=(i in cfg.dual_attention_blocks))
+            for i in range(cfg.depth)
+        )
+        self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
+
+    # -- positions -------------------------------------------------------------------------------------
+    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
+        """The center (h, w) window of the stored (max, max) table -> (1, h*w, D)."""
+        m = self.config.pos_embed_max_size
+        top, left = (m - h) // 2, (m - w) // 2
+        table = self.pos_embed.view(1, m, m, -1)
+        return table[:, top:top + h, left:left + w, :].reshape(1, h * w, -1)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h*w, p*p*C) tokens -> (B, C, h*p, w*p) image."""
+        p, C = self.config.patch_size, self.config.out_channels
+        x = x.view(x.shape[0], h, w, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, h * p, w * p)
+
+    # -- input checks: clear errors instead of tracebacks from deep inside torch --------------------------
+    def check_inputs(self, x, t, context, y) -> torch.Tensor:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be a latent (B, {cfg.in_channels}, H, W); got shape {tuple(x.shape)}")
+        B, _, H, W = x.shape
+        p = cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent height and width must be multiples of the patch size {p} "
+                             f"(image sides multiples of {8 * p} pixels); got latent {H}x{W}")
+        if max(H, W) > cfg.max_latent_size:
+            raise ValueError(
+                f"latent {H}x{W} is larger than the positional table allows ({cfg.max_latent_size}x"
+                f"{cfg.max_latent_size} latent, i.e. images up to {8 * cfg.max_latent_size}x{8 * cfg.max_latent_size}"
+                f" pixels); use a smaller size")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
+            raise ValueError(f"context must be (B={B}, tokens, {cfg.context_dim}); got {tuple(context.shape)}")
+        if y.ndim != 2 or y.shape != (B, cfg.pooled_dim):
+            raise ValueError(f"y must be the pooled vector (B={B}, {cfg.pooled_dim}); got {tuple(y.shape)}")
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        if t.ndim == 0:
+            t = t.expand(B)
+        if t.shape != (B,):
+            raise ValueError(f"t must be a number or a (B={B},) tensor of sigma*1000; got shape {tuple(t.shape)}")
+        return t
+
+    def forward(self, x: torch.Tensor, t, context: torch.Tensor, y: torch.Tensor,
+                skip_layers=()) -> torch.Tensor:
+        t = self.check_inputs(x, t, context, y)
+        skip = set(skip_layers)
+        if not skip <= set(range(self.config.depth)):
+            raise ValueError(f"skip_layers {sorted(skip)} outside the model's blocks 0..{self.config.depth - 1}")
+        dtype = self.pos_embed.dtype
+        p = self.config.patch_size
+        h, w = x.shape[-2] // p, x.shape[-1] // p
+
+        x = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h, w)        # (B, h*w, D)
+        c = self.t_embedder(t) + self.y_embedder(y.to(dtype))                   # (B, D)
+        context = self.context_embedder(context.to(dtype))                      # (B, Lc, D)
+
+        for i, block in enumerate(self.joint_blocks):
+            if i in skip:
+                continue
+            context, x = block(context, x, c)
+
+        x = self.final_layer(x, c)                                              # (B, h*w, p*p*C)
+        return self.unpatchify(x, h, w)                                         # (B, C, H, W)
