@@ -98,7 +98,7 @@ class MMDiTXConfig:
 def load_config(name_or_path: str | Path) -> MMDiTXConfig:
     """A named configuration from configs/ ('sd3.5_medium', 'sd3.5_large', 'sd3_medium', 'tiny') or a JSON path."""
     path = Path(name_or_path)
-    if not path.suffix:
+    if path.suffix != ".json":
         path = CONFIG_DIR / f"{name_or_path}.json"
     if not path.is_file():
         names = sorted(p.stem for p in CONFIG_DIR.glob("*.json") if not p.stem.startswith("sampling"))
