@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import Mlp, SelfAttention, attention, modulate
+from .layers import Attention, Mlp, SelfAttention, modulate
 
 
 class DismantledBlock(nn.Module):
@@ -69,6 +69,8 @@ class JointBlock(nn.Module):
         super().__init__()
         self.context_block = DismantledBlock(dim, num_heads, mlp_ratio, qk_norm, pre_only=pre_only)
         self.x_block = DismantledBlock(dim, num_heads, mlp_ratio, qk_norm, dual_attention=dual_attention)
+        self.joint_attn = Attention()                                  # over [context ; x]
+        self.x_attn2 = Attention() if dual_attention else None         # over x only
 
     def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
         c_mod = self.context_block.modulation(c)
@@ -78,9 +80,9 @@ class JointBlock(nn.Module):
 
         # Joint attention over the concatenated sequence, text first (official order).
         Lc = context.shape[1]
-        out = attention(torch.cat([cq, xq], dim=2), torch.cat([ck, xk], dim=2), torch.cat([cv, xv], dim=2))
+        out = self.joint_attn(torch.cat([cq, xq], dim=2), torch.cat([ck, xk], dim=2), torch.cat([cv, xv], dim=2))
         c_out, x_out = out[:, :, :Lc], out[:, :, Lc:]
-        x_out2 = attention(*x_qkv2) if x_qkv2 is not None else None
+        x_out2 = self.x_attn2(*x_qkv2) if x_qkv2 is not None else None
 
         x = self.x_block.post_attention(x, x_out, x_mod, x_out2)
         if self.context_block.pre_only:

@@ -115,6 +115,12 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, L, H * d))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, L, head_dim)."""
-    return F.scaled_dot_product_attention(q, k, v)
+class Attention(nn.Module):
+    """softmax(q k^T / sqrt(head_dim)) v over (B, heads, L, head_dim).
+
+    No weights: it is a module only so that tools (mmditx.tracing) can observe q and k with a forward hook
+    and recompute the probabilities on the side, leaving the fast fused kernel and the outputs untouched.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
