@@ -55,10 +55,11 @@ class DismantledBlock(nn.Module):
                        attn2_out: torch.Tensor | None = None) -> torch.Tensor:
         """Residual updates after attention; attn_out (B, heads, L, head_dim) -> new s (B, L, D)."""
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-        s = s + gate_msa.unsqueeze(1) * self.attn.post_attention(attn_out)
+        # s + gate * f(s), each as one fused addcmul
+        s = torch.addcmul(s, gate_msa.unsqueeze(1), self.attn.post_attention(attn_out))
         if self.dual_attention:
-            s = s + mod[8].unsqueeze(1) * self.attn2.post_attention(attn2_out)
-        return s + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(s), shift_mlp, scale_mlp))
+            s = torch.addcmul(s, mod[8].unsqueeze(1), self.attn2.post_attention(attn2_out))
+        return torch.addcmul(s, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(s), shift_mlp, scale_mlp)))
 
 
 class JointBlock(nn.Module):
