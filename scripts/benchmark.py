@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from mmditx import load_mmditx  # noqa: E402
 from mmditx.checkpoint import parse_dtype  # noqa: E402
+from mmditx.compare import diffusers_sd3_kwargs  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("MMDITX_BENCH_CACHE", "/tmp/mmditx_bench"))
 
@@ -54,14 +55,8 @@ def diffusers_twin(model):
     from diffusers import SD3Transformer2DModel
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
-    cfg = model.config
     with torch.device("meta"):
-        ref = SD3Transformer2DModel(
-            sample_size=128, patch_size=cfg.patch_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-            num_layers=cfg.depth, attention_head_dim=64, num_attention_heads=cfg.num_heads,
-            joint_attention_dim=cfg.context_dim, caption_projection_dim=cfg.hidden_size,
-            pooled_projection_dim=cfg.pooled_dim, pos_embed_max_size=cfg.pos_embed_max_size,
-            dual_attention_layers=tuple(cfg.dual_attention_blocks), qk_norm="rms_norm" if cfg.qk_norm else None)
+        ref = SD3Transformer2DModel(**diffusers_sd3_kwargs(model.config))
     sd = {"model.diffusion_model." + k: v for k, v in model.state_dict().items()}
     ref.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(sd), assign=True, strict=True)
     return ref.eval().requires_grad_(False)

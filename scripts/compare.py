@@ -1,0 +1,100 @@
+"""Run two configurations of the transformer layer by layer on the same input and print the error per stage.
+
+    python scripts/compare.py dtype --checkpoint sd3.5_medium.safetensors --a fp32 --b bf16
+    python scripts/compare.py diffusers --checkpoint sd3.5_medium.safetensors      # needs the reference extra
+    python scripts/compare.py dtype --random tiny --b fp16                           # no weights needed
+
+`--random CONFIG` writes a random-weight checkpoint of a named config (configs/) to a temporary file first.
+Errors are measured against run `a`, the reference (fp32 by default; diffusers in `diffusers` mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from mmditx import MMDiTX, load_config, load_mmditx  # noqa: E402
+from mmditx.checkpoint import save_safetensors  # noqa: E402
+from mmditx.compare import (diffusers_sd3_kwargs, error_table, format_table, watch_diffusers_sd3,  # noqa: E402
+                            watch_mmditx)
+
+
+def random_checkpoint(config_name: str, directory: str) -> Path:
+    torch.manual_seed(0)
+    model = MMDiTX(load_config(config_name))
+    torch.nn.init.normal_(model.pos_embed, std=0.5)
+    path = Path(directory) / f"{config_name}_random.safetensors"
+    save_safetensors({"model.diffusion_model." + k: v for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def inputs(config, args, dtype):
+    g = torch.Generator().manual_seed(args.seed)
+    lat = args.size // 8
+    x = torch.randn(args.batch, config.in_channels, lat, lat, generator=g)
+    context = torch.randn(args.batch, args.tokens, config.context_dim, generator=g)
+    y = torch.randn(args.batch, config.pooled_dim, generator=g)
+    t = torch.full((args.batch,), args.t)
+    return [v.to(dtype) if v.is_floating_point() and v.ndim > 1 else v for v in (x, t, context, y)]
+
+
+def run_ours(model, args):
+    dtype = next(model.parameters()).dtype
+    with watch_mmditx(model) as rec, torch.inference_mode():
+        rec.out["output"] = model(*inputs(model.config, args, dtype))
+    return rec.out
+
+
+def run_diffusers(model, path, args):
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    sd = {k: v.float() for k, v in load_file(str(path)).items() if k.startswith("model.diffusion_model.")}
+    ref = SD3Transformer2DModel(**diffusers_sd3_kwargs(model.config))
+    ref.load_state_dict(convert_sd3_transformer_checkpoint_to_diffusers(sd), strict=True)
+    x, t, context, y = inputs(model.config, args, torch.float32)
+    with watch_diffusers_sd3(ref.eval()) as rec, torch.inference_mode():
+        rec.out["output"] = ref(hidden_states=x, encoder_hidden_states=context, pooled_projections=y, timestep=t,
+                                return_dict=False)[0]
+    return rec.out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description="Layer-by-layer comparison of two transformer configurations.")
+    p.add_argument("mode", choices=["dtype", "diffusers"],
+                   help="dtype: our model with weights in dtype a vs b; diffusers: ours (fp32) vs diffusers (fp32)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="sd3.5_medium.safetensors or a bare transformer file")
+    src.add_argument("--random", metavar="CONFIG", help="random weights of a named config (e.g. tiny, sd3.5_medium)")
+    p.add_argument("--a", default="fp32", help="dtype of run a, the reference (dtype mode)")
+    p.add_argument("--b", default="bf16", help="dtype of run b (dtype mode)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=154)
+    p.add_argument("--t", type=float, default=500.0, help="sigma * 1000")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.checkpoint or random_checkpoint(args.random, tmp)
+        if args.mode == "dtype":
+            a = run_ours(load_mmditx(path, dtype=args.a), args)
+            b = run_ours(load_mmditx(path, dtype=args.b), args)
+            title = f"{path.name}: weights and compute in {args.b} vs {args.a} (reference)"
+        else:
+            model = load_mmditx(path, dtype="fp32")
+            a, b = run_diffusers(model, path, args), run_ours(model, args)
+            title = f"{path.name}: mmditx vs diffusers SD3Transformer2DModel (reference), fp32"
+        print(format_table(error_table(b, a), title))
+
+
+if __name__ == "__main__":
+    main()
