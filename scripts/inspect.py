@@ -1,0 +1,65 @@
+"""Print the anatomy of an MMDiT-X model: parameters per component and block (dual-attention blocks marked),
+FLOPs per forward pass and per sampling step, memory of the weights in fp32/fp16/bf16/fp8. No weights needed.
+
+    python scripts/inspect.py sd3.5_medium [--resolution 1024] [--batch 2] [--tokens 154]
+    python scripts/inspect.py path/to/sd3.5_medium.safetensors --resolution 1216x832
+    python -m scripts.inspect sd3.5_large
+
+A named config (configs/*.json) or a .json path is read as is; a checkpoint file is read from its header only.
+--batch is the batch of one forward pass: 2 = one image with CFG (cond + uncond batched).
+"""
+
+# This file is called inspect.py: run as `python scripts/inspect.py`, its own folder is sys.path[0] and it would
+# shadow the standard library's `inspect` (which torch imports). Drop that folder before importing anything else.
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))  # the repository root, for `mmditx`
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from mmditx import load_config, read_config  # noqa: E402
+from mmditx.anatomy import report  # noqa: E402
+
+
+def resolution(text: str) -> tuple[int, int]:
+    """'1024' -> (1024, 1024); '1216x832' -> (width 1216, height 832)."""
+    try:
+        w, _, h = text.lower().partition("x")
+        return int(w), int(h or w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"resolution must be N or WxH in pixels, e.g. 1024 or 1216x832; got {text!r}")
+
+
+def config_of(model: str):
+    """A checkpoint file (header only), a .json config, or a config name from configs/."""
+    path = Path(model)
+    if path.suffix == ".safetensors" or (path.is_file() and path.suffix != ".json"):
+        return read_config(path), path.name
+    return load_config(model), path.stem
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="config name (sd3.5_medium, sd3.5_large, sd3_medium, tiny), .json or .safetensors")
+    parser.add_argument("--resolution", type=resolution, default=(1024, 1024), help="image size: N or WxH pixels")
+    parser.add_argument("--batch", type=int, default=2, help="batch of one forward pass (2 = one image with CFG)")
+    parser.add_argument("--tokens", type=int, default=154, help="context tokens (77 CLIP + 77 T5 = 154)")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps for the whole-run total")
+    args = parser.parse_args(argv)
+    try:
+        config, name = config_of(args.model)
+        width, height = args.resolution
+        print(report(config, height=height, width=width, batch=args.batch, tokens=args.tokens,
+                     name=name, steps=args.steps))
+    except ValueError as e:  # ConfigError, CheckpointError and bad sizes are ValueErrors with a clear message
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
