@@ -159,6 +159,8 @@ def anatomy(config: MMDiTXConfig, height: int = 1024, width: int = 1024, batch: 
     rows = parameter_rows(meta_model(config))
     for row in rows:
         row.linear_flops, row.attention_flops = flops[row.name]
+    m, step = config.pos_embed_max_size, 8 * config.patch_size
+    rows[1].note = f"{m}x{m} table, center {height // step}x{width // step} used"
     return rows
 
 
