@@ -39,7 +39,7 @@ def config_of(model: str):
     path = Path(model)
     if path.suffix == ".safetensors" or (path.is_file() and path.suffix != ".json"):
         return read_config(path), path.name
-    return load_config(model), path.stem
+    return load_config(model), (path.stem if path.suffix == ".json" else model)
 
 
 def main(argv=None) -> int:

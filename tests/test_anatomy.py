@@ -128,6 +128,7 @@ def test_script_by_path_prints_the_table(tmp_path):
                       "--batch", "2", "--tokens", "154"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
+    assert lines[0].startswith("sd3.5_medium: hidden 1536, 24 joint blocks")
     assert sum(line.endswith("dual attention") for line in lines) == 13
     assert any(line.startswith("total") and f"{SD35_MEDIUM_PARAMS:,}" in line for line in lines)
     assert "fp8 2.30 GiB" in out.stdout and "SLG active" in out.stdout
