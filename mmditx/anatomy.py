@@ -30,6 +30,7 @@ TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to t_embedder (layers.Timeste
 # skipped on steps with start*steps < step < end*steps (step counted from 0).
 SLG_LAYERS = (7, 8, 9)
 SLG_START, SLG_END = 0.01, 0.20
+NOT_COUNTED = "Not counted: norms, activations, softmax, modulation, residual adds (about 1%, mostly softmax)."
 
 
 @dataclass
@@ -225,7 +226,8 @@ def step_flops(config: MMDiTXConfig, height: int, width: int, batch: int, tokens
     slg = forward_flops(config, height, width, images, tokens, skip_layers=SLG_LAYERS)
     active = slg_steps(steps)
     return rows + [
-        (f"per step, CFG + SLG active (+1 forward, batch {images}, blocks {_blocks_text(SLG_LAYERS)} skipped)", one + slg),
+        (f"per step, CFG + SLG active (+1 forward, batch {images}, blocks {_blocks_text(SLG_LAYERS)} skipped)",
+         one + slg),
         (f"{steps}-step run, CFG on every step, SLG on steps {_blocks_text(active)} ({len(active)} steps)",
          steps * one + len(active) * slg),
     ]
@@ -246,12 +248,12 @@ def report(config: MMDiTXConfig, height: int = 1024, width: int = 1024, batch: i
     header = [
         f"{name}: hidden {cfg.hidden_size}, {cfg.depth} joint blocks, {cfg.num_heads} heads x "
         f"{cfg.hidden_size // cfg.num_heads}, patch {cfg.patch_size}, mlp x{cfg.mlp_ratio:g}, "
-        f"QK-norm {'on' if cfg.qk_norm else 'off'}, dual attention (x.attn2) in blocks {_blocks_text(cfg.dual_attention_blocks)}",
+        f"QK-norm {'on' if cfg.qk_norm else 'off'}, "
+        f"dual attention (x.attn2) in blocks {_blocks_text(cfg.dual_attention_blocks)}",
         f"FLOPs of one forward pass at {width}x{height} (latent {width // 8}x{height // 8}, {n_img} image tokens), "
         f"{tokens} context tokens, batch {batch}",
         "",
     ]
     total = sum(r.params for r in rows)
-    return "\n".join(header + [format_table(rows), "", format_memory(total), "",
-                               format_step_flops(step_flops(cfg, height, width, batch, tokens, steps)),
-                               "Not counted: norms, activations, softmax, modulation, residual adds (about 1%, mostly softmax)."])
+    steps_text = format_step_flops(step_flops(cfg, height, width, batch, tokens, steps))
+    return "\n".join(header + [format_table(rows), "", format_memory(total), "", steps_text, NOT_COUNTED])

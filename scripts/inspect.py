@@ -44,7 +44,8 @@ def config_of(model: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", help="config name (sd3.5_medium, sd3.5_large, sd3_medium, tiny), .json or .safetensors")
+    parser.add_argument("model", help="config name (sd3.5_medium, sd3.5_large, sd3_medium, tiny), "
+                                      "a .json config or a .safetensors checkpoint")
     parser.add_argument("--resolution", type=resolution, default=(1024, 1024), help="image size: N or WxH pixels")
     parser.add_argument("--batch", type=int, default=2, help="batch of one forward pass (2 = one image with CFG)")
     parser.add_argument("--tokens", type=int, default=154, help="context tokens (77 CLIP + 77 T5 = 154)")
