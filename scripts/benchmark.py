@@ -62,6 +62,60 @@ def diffusers_twin(model):
     return ref.eval().requires_grad_(False)
 
 
+def matmul_bound_seconds(fn) -> dict[str, float]:
+    """The time the matrix products of `fn()` alone take: log every matmul/attention call of one run
+    (shapes and layouts), then replay the same products on fresh tensors and time them. Attention is replayed
+    as its two products (q k^T and p v), the work a perfect fused kernel cannot avoid.
+    Returns seconds for {'linear': the linear layers, 'attention': the attention products}."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    log = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name == "linear":  # (input, weight[, bias]): a GEMM of input rows by weight.t()
+                log.append((name, [tuple(args[0].shape), tuple(args[1].shape)], args[0].dtype))
+            elif name in ("addmm", "addmm_", "mm", "bmm"):
+                mats = [a for a in args if isinstance(a, torch.Tensor) and a.ndim >= 2][-2:]
+                log.append(("matmul", [(tuple(m.shape), m.stride()) for m in mats], mats[0].dtype))
+            elif "scaled_dot_product" in name:
+                log.append(("attention", [tuple(args[0].shape), tuple(args[1].shape)], args[0].dtype))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        fn()
+
+    jobs = []
+    for kind, shapes, dtype in log:
+        if kind == "matmul":
+            mats = [torch.empty_strided(sh, st, dtype=dtype).normal_() for sh, st in shapes]
+        else:
+            mats = [torch.randn(*sh, dtype=dtype) for sh in shapes]
+        jobs.append((kind, mats))
+
+    def replay(kinds=("linear", "matmul", "attention")):
+        for kind, mats in jobs:
+            if kind not in kinds:
+                continue
+            if kind == "linear":
+                torch.nn.functional.linear(*mats)
+            elif kind == "matmul":
+                torch.matmul(*mats)
+            else:
+                q, k = mats
+                torch.matmul(torch.matmul(q, k.transpose(-1, -2)), k)
+
+    replay()
+    parts = {}
+    for kinds in (("linear", "matmul"), ("attention",)):
+        start = time.perf_counter()
+        replay(kinds)
+        parts[kinds[0]] = time.perf_counter() - start
+    return parts
+
+
 def bench_transformer(args) -> None:
     torch.manual_seed(0)
     path = random_checkpoint(args.cache, args.stored)
@@ -89,13 +143,17 @@ def bench_transformer(args) -> None:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
+        bound = [matmul_bound_seconds(run_ours) for _ in range(args.runs)]
     med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({"what": "transformer forward", "image": f"{args.size}x{args.size}", "batch": B,
                       "context_tokens": args.tokens, "dtype": args.dtype, "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "runs": args.runs,
                       "seconds": {k: [round(s, 3) for s in v] for k, v in times.items()},
                       "median_s": {k: round(v, 3) for k, v in med.items()},
-                      "ratio_ours_over_diffusers": round(med["ours"] / med["diffusers"], 3)}, indent=2))
+                      "ratio_ours_over_diffusers": round(med["ours"] / med["diffusers"], 3),
+                      "matmul_bound_s": {k: round(statistics.median(b[k] for b in bound), 3) for k in bound[0]},
+                      "ours_fraction_of_matmul_bound": round(statistics.median(sum(b.values()) for b in bound)
+                                                             / med["ours"], 3)}, indent=2))
 
 
 def peak_rss_kb() -> int:
