@@ -11,19 +11,20 @@ see one tile instead of the whole image. tests/test_vae_tiling.py states and che
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets covering [0, size) with tiles of `tile` overlapping by at least `overlap`;
-    the last tile is pushed back to end exactly at `size` (it may overlap its neighbour more)."""
+def tile_layout(size: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """(start offsets, tile length) covering [0, size) with as few tiles of at most `tile` as overlap by at least
+    `overlap`; the tiles are made equal and spread evenly, so no tile is mostly overlap."""
     if size <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, size - tile, stride))
-    return starts + [size - tile]
+        return [0], size
+    n = math.ceil((size - overlap) / (tile - overlap))
+    length = math.ceil((size + (n - 1) * overlap) / n)  # <= tile, by the choice of n
+    return [round(i * (size - length) / (n - 1)) for i in range(n)], length
 
 
 def ramp(length: int, fade: int, fade_start: bool, fade_end: bool) -> torch.Tensor:
@@ -61,13 +62,11 @@ def tiled(
     gh, gw = grid
     out = torch.zeros(B, out_channels, gh * out_scale, gw * out_scale, dtype=torch.float32, device=x.device)
     weight = torch.zeros(gh * out_scale, gw * out_scale, dtype=torch.float32, device=x.device)
-    rows, cols = tile_starts(gh, tile, overlap), tile_starts(gw, tile, overlap)
+    (rows, th), (cols, tw) = tile_layout(gh, tile, overlap), tile_layout(gw, tile, overlap)
     fade = overlap * out_scale
     for i, top in enumerate(rows):
-        th = min(tile, gh)
         wy = ramp(th * out_scale, fade, fade_start=i > 0, fade_end=i < len(rows) - 1).to(x.device)
         for j, left in enumerate(cols):
-            tw = min(tile, gw)
             wx = ramp(tw * out_scale, fade, fade_start=j > 0, fade_end=j < len(cols) - 1).to(x.device)
             piece = x[:, :, top * in_scale:(top + th) * in_scale, left * in_scale:(left + tw) * in_scale]
             y = fn(piece).float()                    # (B, out_channels, th * out_scale, tw * out_scale)
