@@ -88,8 +88,9 @@ def main() -> None:
                        "--modes", mode, "--dtype", args.dtype]
                 run = subprocess.run(cmd, capture_output=True, text=True)
                 if run.returncode != 0:
-                    print(f"{size:>5}x{size:<5} {mode:>8}  failed (exit {run.returncode}): "
-                          f"{run.stderr.strip().splitlines()[-1] if run.stderr.strip() else ''}")
+                    why = ("killed by SIGKILL: most likely out of memory (see dmesg)" if run.returncode == -9
+                           else (run.stderr.strip().splitlines() or ["no message"])[-1])
+                    print(f"{size:>5}x{size:<5} {mode:>8}  failed (exit {run.returncode}): {why}", flush=True)
                     continue
                 r = json.loads(run.stdout.strip().splitlines()[-1])
                 print(f"{size:>5}x{size:<5} {mode:>8} {r['peak_rss_mib']:>6} MiB {r['after_load_mib']:>7} MiB "

@@ -203,9 +203,11 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h), inplace=True))  # (B, 3, 8h, 8w)
 
 
-# Tiling: images above 1024x1024 (the SD3.5 native size, a 128x128 latent) are tiled automatically, so
-# native-size decodes are exact and larger ones run in bounded memory. Tiles are 64x64 latent positions
-# (512x512 pixels) overlapping by 16 (128 pixels); see tiling.py.
+# Tiling: images of more than 1024x1024 pixels in area (the SD3.5 native size, a 128x128 latent) are tiled
+# automatically, so native-size decodes are exact and larger ones run in bounded memory (decode peak RSS is about
+# 1.5 GiB with tiles whatever the size, against 4.3 GiB untiled at 1024x1024; see scripts/measure_vae_memory.py).
+# Tiles are at most 64x64 latent positions (512x512 pixels), overlap by at least 16 (128 pixels) and are spread
+# evenly over the image; see tiling.py.
 AUTO_TILE_LATENT_AREA = 128 * 128
 TILE = 64
 TILE_OVERLAP = 16
@@ -234,7 +236,7 @@ class VAE(nn.Module):
                overlap: int = TILE_OVERLAP) -> torch.Tensor:
         """(B, 16, h, w) model-space latent -> (B, 3, 8h, 8w) image in [-1, 1] (float32).
 
-        tiled: None picks tiles when h * w > 128 * 128 (images above 1024x1024); True/False force it.
+        tiled: None picks tiles when h * w > 128 * 128 (more pixels than 1024x1024); True/False force it.
         tile/overlap: tile size and overlap in latent positions (64 and 16 = 512 and 128 pixels)."""
         self._check_latent(latent)
         z = self.to_vae_latent(latent.to(self._device, self._dtype))
@@ -270,7 +272,7 @@ class VAE(nn.Module):
         """(B, 3, H, W) image in [-1, 1] -> (B, 16, H/8, W/8) model-space latent (float32).
 
         sample=True draws mean + std * noise (the official `encode`; noise from `generator` if given),
-        sample=False returns the mean (deterministic, the usual choice for image-to-image)."""
+        sample=False returns the mean (deterministic)."""
         mean, logvar = self.encode_moments(image, tiled=tiled, tile=tile, overlap=overlap)
         z = mean
         if sample:
