@@ -1,0 +1,93 @@
+"""Samplers over a flow-matching schedule, in the k-diffusion form the official reference uses.
+
+A sampler takes `denoise(x, sigma) -> denoised` (the clean-image estimate, see guidance.py), the starting
+latent x at sigmas[0], the schedule, and returns the final latent. `callback(i, x, denoised)` is called after
+each step (progress bars, previews, tracing).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+
+
+@torch.no_grad()
+def euler(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None,
+          generator: torch.Generator | None = None) -> torch.Tensor:
+    """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * (x_i - denoised_i) / sigma_i  (the velocity, for flow models)."""
+    for i in range(len(sigmas) - 1):
+        denoised = denoise(x, sigmas[i])
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        if callback:
+            callback(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M), k-diffusion's `sample_dpmpp_2m`. With t = -log(sigma), h = t_next - t:
+        first step and last step (sigma_next = 0):  x = (sigma_next / sigma) x - expm1(-h) denoised
+        otherwise, with r = h_last / h:             d = (1 + 1/(2r)) denoised - 1/(2r) denoised_prev
+                                                    x = (sigma_next / sigma) x - expm1(-h) d
+    (at sigma_next = 0 the update is exactly x = denoised)."""
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = torch.log(sigma) - torch.log(sigma_next)
+            d = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_next / sigma) * x - torch.expm1(-h) * d
+            h_last = h
+        old_denoised = denoised
+        if callback:
+            callback(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def euler_ancestral(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None,
+                    generator: torch.Generator | None = None, eta: float = 1.0) -> torch.Tensor:
+    """Euler ancestral in its rectified-flow form (ComfyUI's `sample_euler_ancestral_RF`). Per step:
+        sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+        x = (sigma_down / sigma) x + (1 - sigma_down / sigma) denoised          (deterministic step down)
+        x = ((1 - sigma_next) / (1 - sigma_down)) x + c * noise                  (back up to sigma_next)
+        with c = sqrt(sigma_next^2 - sigma_down^2 (1 - sigma_next)^2 / (1 - sigma_down)^2),
+    so x again has the flow marginal sigma_next * noise + (1 - sigma_next) * clean. Last step: x = denoised.
+    The noise comes from `generator` (on the CPU, so results do not depend on the device)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, sigma)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
+            alpha_next, alpha_down = 1 - sigma_next, 1 - sigma_down
+            renoise = (sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2).clamp_min(0).sqrt()
+            ratio = sigma_down / sigma
+            x = ratio * x + (1 - ratio) * denoised
+            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+            x = (alpha_next / alpha_down) * x + renoise * noise
+        if callback:
+            callback(i, x, denoised)
+    return x
+
+
+SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral, "dpmpp_2m": dpmpp_2m}
+
+
+def get_sampler(name: str):
+    try:
+        return SAMPLERS[name]
+    except KeyError:
+        raise ValueError(f"unknown sampler {name!r}: choose one of {', '.join(sorted(SAMPLERS))}") from None
