@@ -13,7 +13,7 @@ from typing import Mapping
 
 import torch
 
-from mmditx.checkpoint import write_safetensors_streaming
+from sampling.embedded import random_tensor, write_random  # noqa: F401  (random_tensor re-exported)
 
 DATA = Path(__file__).parent / "data"
 CLIP_TOKENIZER_DIR = DATA / "clip_tokenizer"
@@ -35,31 +35,11 @@ def official_layout(name: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v) for k, v in data[files[name]].items()}
 
 
-def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """A plausible random value for a weight called `name`: norm gains near 1, small biases,
-    matrices scaled by 1/sqrt(fan_in) so deep stacks neither explode nor vanish."""
-    leaf = name.rsplit(".", 1)[-1]
-    if len(shape) == 1 and ("norm" in name or ".ln_" in name or name.endswith("layer_norm.weight")) and leaf == "weight":
-        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
-    if leaf == "bias" or len(shape) == 1:
-        return 0.02 * torch.randn(shape, generator=generator)
-    if "pos_embed" in name:
-        return torch.randn(shape, generator=generator) * 0.5
-    fan_in = 1
-    for s in shape[1:]:
-        fan_in *= s
-    if "embedding" in name or "embed_tokens" in name or name.endswith("shared.weight"):
-        fan_in = 1
-    return torch.randn(shape, generator=generator) / fan_in ** 0.5
-
-
 def write_random_checkpoint(
     shapes: Mapping[str, tuple[int, ...]], path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> Path:
     """Random weights (see `random_tensor`) in `dtype`, written tensor by tensor (full sizes fit in memory)."""
-    g = torch.Generator().manual_seed(seed)
-    specs = {k: (tuple(s), dtype) for k, s in shapes.items()}
-    write_safetensors_streaming(specs, lambda k: random_tensor(k, specs[k][0], g).to(dtype), path)
+    write_random(shapes, Path(path), dtype=dtype, seed=seed)
     return Path(path)
 
 

@@ -1,0 +1,169 @@
+"""The embedded default: a small random-weight model set in the official layout, built once and cached.
+
+It lets `scripts/generate.py` run the whole real path (tokenizers, text encoders, transformer, sampler, VAE,
+PNG) in seconds on a fresh machine with no downloads. Its images are noise: the weights are random.
+
+Layout (as the official release):
+    sd3.5_medium.safetensors              model.diffusion_model.* (MMDiT-X: 4 blocks, 2 with dual attention)
+                                          + first_stage_model.* (a narrow VAE)
+    text_encoders/clip_l.safetensors      CLIP-L layout, width 64, 2 layers
+    text_encoders/clip_g.safetensors      CLIP-G layout, width 64, 2 layers, text_projection
+    text_encoders/t5xxl_fp16.safetensors  T5 layout, width 128, 2 blocks (fp16), and t5xxl_fp8_e4m3fn
+    tokenizer/, tokenizer_2/              CLIP BPE files of our own making (bytes only, no merges)
+    tokenizer_3/spiece.model              a sentencepiece model trained here on a small corpus
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from mmditx import MMDiTX, MMDiTXConfig
+from mmditx.checkpoint import build_on_meta, expected_shapes, write_safetensors_streaming
+
+VERSION = "1"
+CLIP_WIDTH, CLIP_LAYERS, T5_WIDTH, T5_BLOCKS, T5_FF = 64, 2, 128, 2, 256
+TRANSFORMER = MMDiTXConfig(hidden_size=128, depth=4, pos_embed_max_size=64, context_dim=T5_WIDTH,
+                           pooled_dim=2 * CLIP_WIDTH, dual_attention_blocks=(0, 1))
+CORPUS = ("a photo of a cat sitting on a red chair in the sun. a painting of a mountain lake at dawn. "
+          "an astronaut riding a horse on the moon, digital art. a bowl of fruit on a wooden table. "
+          "portrait of an old man with a beard, studio lighting. a city street at night in the rain. ") * 20
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MMDITX_CACHE", Path.home() / ".cache" / "mmditx")) / f"embedded-v{VERSION}"
+
+
+def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A plausible random value for a weight called `name`: norm gains near 1, small biases, matrices scaled
+    by 1/sqrt(fan_in) so activations stay O(1) through deep stacks."""
+    leaf = name.rsplit(".", 1)[-1]
+    if len(shape) == 1 and ("norm" in name or ".ln_" in name) and leaf == "weight":
+        return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+    if leaf == "bias" or len(shape) == 1:
+        return 0.02 * torch.randn(shape, generator=generator)
+    if "pos_embed" in name:
+        return torch.randn(shape, generator=generator) * 0.5
+    fan_in = 1
+    for s in shape[1:]:
+        fan_in *= s
+    if "embedding" in name or "embed_tokens" in name or name.endswith("shared.weight"):
+        fan_in = 1
+    return torch.randn(shape, generator=generator) / fan_in ** 0.5
+
+
+def write_random(shapes: dict, path: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    specs = {k: (tuple(s), dtype) for k, s in shapes.items()}
+    write_safetensors_streaming(specs, lambda k: random_tensor(k, specs[k][0], g).to(dtype), path)
+
+
+def clip_layout(width: int, layers: int, vocab: int, projection: bool = True) -> dict:
+    """Key names and shapes of the official clip_l / clip_g files, at any size."""
+    p = "text_model."
+    out = {p + "embeddings.token_embedding.weight": (vocab, width),
+           p + "embeddings.position_embedding.weight": (77, width)}
+    for i in range(layers):
+        b = f"{p}encoder.layers.{i}."
+        for n in ("layer_norm1", "layer_norm2"):
+            out[b + n + ".weight"] = out[b + n + ".bias"] = (width,)
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out[b + f"self_attn.{n}.weight"], out[b + f"self_attn.{n}.bias"] = (width, width), (width,)
+        out[b + "mlp.fc1.weight"], out[b + "mlp.fc1.bias"] = (4 * width, width), (4 * width,)
+        out[b + "mlp.fc2.weight"], out[b + "mlp.fc2.bias"] = (width, 4 * width), (width,)
+    out[p + "final_layer_norm.weight"] = out[p + "final_layer_norm.bias"] = (width,)
+    if projection:
+        out["text_projection.weight"] = (width, width)
+    return out
+
+
+def t5_layout(width: int, blocks: int, ff: int, vocab: int, heads: int) -> dict:
+    """Key names and shapes of the official t5xxl file, at any size (head size 64 as in T5-XXL)."""
+    out = {"encoder.embed_tokens.weight": (vocab, width)}
+    for i in range(blocks):
+        b = f"encoder.block.{i}.layer."
+        for n in "qkvo":
+            out[b + f"0.SelfAttention.{n}.weight"] = (heads * 64, width) if n != "o" else (width, heads * 64)
+        if i == 0:
+            out[b + "0.SelfAttention.relative_attention_bias.weight"] = (32, heads)
+        out[b + "0.layer_norm.weight"] = out[b + "1.layer_norm.weight"] = (width,)
+        out[b + "1.DenseReluDense.wi_0.weight"] = out[b + "1.DenseReluDense.wi_1.weight"] = (ff, width)
+        out[b + "1.DenseReluDense.wo.weight"] = (width, ff)
+    out["encoder.final_layer_norm.weight"] = (width,)
+    return out
+
+
+def write_clip_tokenizer(folder: Path) -> int:
+    """A byte-level CLIP BPE vocabulary of our own making: the 256 byte symbols with and without the
+    end-of-word marker, no merges (every word is spelled out byte by byte), then the two special tokens."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    symbols = [chr(c) for c in cs]
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return len(vocab)
+
+
+def write_t5_tokenizer(folder: Path) -> int:
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text(CORPUS.replace(". ", ".\n"))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=200,
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, model_type="unigram",
+                                   character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    corpus.unlink()
+    (folder / "spiece.vocab").unlink(missing_ok=True)
+    return spm.SentencePieceProcessor(model_file=str(folder / "spiece.model")).vocab_size()
+
+
+def build(root: Path) -> None:
+    """Write the whole model set into `root`."""
+    from vae import VAE, VAEConfig
+
+    vocab = write_clip_tokenizer(root / "tokenizer")
+    shutil.copytree(root / "tokenizer", root / "tokenizer_2")
+    t5_vocab = write_t5_tokenizer(root / "tokenizer_3")
+
+    te = root / "text_encoders"
+    te.mkdir(parents=True, exist_ok=True)
+    write_random(clip_layout(CLIP_WIDTH, CLIP_LAYERS, vocab), te / "clip_l.safetensors", seed=1)
+    write_random(clip_layout(CLIP_WIDTH, CLIP_LAYERS, vocab), te / "clip_g.safetensors", seed=2)
+    t5 = t5_layout(T5_WIDTH, T5_BLOCKS, T5_FF, t5_vocab, heads=T5_WIDTH // 64)
+    write_random(t5, te / "t5xxl_fp16.safetensors", dtype=torch.float16, seed=3)
+    write_random(t5, te / "t5xxl_fp8_e4m3fn.safetensors", dtype=torch.float8_e4m3fn, seed=3)
+
+    shapes = {"model.diffusion_model." + k: v
+              for k, v in expected_shapes(build_on_meta(lambda: MMDiTX(TRANSFORMER))).items()}
+    ae = build_on_meta(lambda: VAE(VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)))
+    shapes.update({"first_stage_model." + k: v for k, v in expected_shapes(ae).items()})
+    write_random(shapes, root / "sd3.5_medium.safetensors", dtype=torch.float16, seed=4)
+
+
+def embedded_model_dir() -> Path:
+    """The cached embedded model set, built on first use (a few seconds)."""
+    root = cache_dir()
+    if (root / "COMPLETE").is_file():
+        return root
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    (tmp / "COMPLETE").write_text("random weights; built by mmditx sampling.embedded\n")
+    if root.exists():
+        shutil.rmtree(root)
+    tmp.rename(root)
+    return root
