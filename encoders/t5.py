@@ -228,12 +228,12 @@ def load_t5(path: str | os.PathLike, device: torch.device | str = "cpu",
     """T5-XXL from `text_encoders/t5xxl_fp16.safetensors` or `t5xxl_fp8_e4m3fn.safetensors` (the block count is
     read from the file; the embedding may be named `encoder.embed_tokens.weight` or `shared.weight`).
 
-    dtype: the compute dtype (activations, norms, position bias). fp32 on CPU; bf16 on GPU (T5's activations
+    dtype: the compute dtype (activations, norms, position bias): fp32 on CPU; bf16 on GPU (T5's activations
         overflow fp16).
-    weight_dtype: how the large matrices are kept in memory. None: fp8 files stay fp8, others are converted to
-        `dtype`. Pass e.g. "fp16" with the fp16 file to keep it (zero-copy mapped on CPU) at half the memory of
-        fp32, or "fp8" to quantize it on load. Matrices in a smaller dtype than `dtype` are upcast one at a
-        time while computing.
+    weight_dtype: how the large matrices are kept in memory. None: as stored when that is smaller than `dtype`
+        (fp8 stays fp8; fp16 stays fp16 under fp32 compute, zero-copy mapped from the file on CPU), else
+        `dtype`. "fp8" quantizes an fp16 file on load. Matrices smaller than `dtype` are upcast one at a time
+        while computing, so encoding needs about their stored size plus one layer in `dtype`.
     """
     dtype = parse_dtype(dtype)
     weight_dtype = parse_dtype(weight_dtype)
@@ -256,7 +256,7 @@ def load_t5(path: str | os.PathLike, device: torch.device | str = "cpu",
         key = embedding_key if name == EMBEDDING else prefix + name
         t = f.tensor(key)
         if _is_matrix(name):
-            want = weight_dtype or (t.dtype if t.dtype in FP8 else dtype)
+            want = weight_dtype or (t.dtype if t.element_size() < dtype.itemsize else dtype)
         else:
             want = dtype
         if want != t.dtype or device.type != "cpu":
