@@ -119,7 +119,7 @@ class T5Tokenizer:
         import sentencepiece
 
         path = Path(path)
-        if path.is_dir():
+        if path.is_dir() or path.suffix != ".model":
             path = path / "spiece.model"
         _require(path, "T5 sentencepiece model spiece.model")
         try:
