@@ -4,11 +4,11 @@ It lets `scripts/generate.py` run the whole real path (tokenizers, text encoders
 PNG) in seconds on a fresh machine with no downloads. Its images are noise: the weights are random.
 
 Layout (as the official release):
-    sd3.5_medium.safetensors              model.diffusion_model.* (MMDiT-X: 4 blocks, 2 with dual attention)
+    sd3.5_medium.safetensors              model.diffusion_model.* (MMDiT-X: 10 blocks, 3 with dual attention)
                                           + first_stage_model.* (a narrow VAE)
-    text_encoders/clip_l.safetensors      CLIP-L layout, width 64, 2 layers
-    text_encoders/clip_g.safetensors      CLIP-G layout, width 64, 2 layers, text_projection
-    text_encoders/t5xxl_fp16.safetensors  T5 layout, width 128, 2 blocks (fp16), and t5xxl_fp8_e4m3fn
+    text_encoders/clip_l.safetensors      CLIP-L layout, width 768, 2 layers
+    text_encoders/clip_g.safetensors      CLIP-G layout, width 1280, 2 layers, text_projection
+    text_encoders/t5xxl_fp16.safetensors  T5 layout, width 4096, 2 heads, 2 blocks (fp16), and t5xxl_fp8_e4m3fn
     tokenizer/, tokenizer_2/              CLIP BPE files of our own making (bytes only, no merges)
     tokenizer_3/spiece.model              a sentencepiece model trained here on a small corpus
 """
@@ -25,10 +25,14 @@ import torch
 from mmditx import MMDiTX, MMDiTXConfig
 from mmditx.checkpoint import build_on_meta, expected_shapes, write_safetensors_streaming
 
-VERSION = "1"
-CLIP_WIDTH, CLIP_LAYERS, T5_WIDTH, T5_BLOCKS, T5_FF = 64, 2, 128, 2, 256
-TRANSFORMER = MMDiTXConfig(hidden_size=128, depth=4, pos_embed_max_size=64, context_dim=T5_WIDTH,
-                           pooled_dim=2 * CLIP_WIDTH, dual_attention_blocks=(0, 1))
+VERSION = "3"
+# The encoders keep the real widths (the conditioning is then exactly SD3's: context 4096, pooled 2048) with
+# 2 layers each; T5 keeps its 4096 width but only 2 heads and a narrow feed-forward.
+CLIP_L_WIDTH, CLIP_G_WIDTH, CLIP_LAYERS = 768, 1280, 2
+T5_WIDTH, T5_HEADS, T5_BLOCKS, T5_FF = 4096, 2, 2, 256
+# 10 blocks so that the official skip-layer guidance layers 7, 8, 9 exist.
+TRANSFORMER = MMDiTXConfig(hidden_size=128, depth=10, pos_embed_max_size=64, context_dim=T5_WIDTH,
+                           pooled_dim=CLIP_L_WIDTH + CLIP_G_WIDTH, dual_attention_blocks=(0, 1, 2))
 CORPUS = ("a photo of a cat sitting on a red chair in the sun. a painting of a mountain lake at dawn. "
           "an astronaut riding a horse on the moon, digital art. a bowl of fruit on a wooden table. "
           "portrait of an old man with a beard, studio lighting. a city street at night in the rain. ") * 20
@@ -141,9 +145,9 @@ def build(root: Path) -> None:
 
     te = root / "text_encoders"
     te.mkdir(parents=True, exist_ok=True)
-    write_random(clip_layout(CLIP_WIDTH, CLIP_LAYERS, vocab), te / "clip_l.safetensors", seed=1)
-    write_random(clip_layout(CLIP_WIDTH, CLIP_LAYERS, vocab), te / "clip_g.safetensors", seed=2)
-    t5 = t5_layout(T5_WIDTH, T5_BLOCKS, T5_FF, t5_vocab, heads=T5_WIDTH // 64)
+    write_random(clip_layout(CLIP_L_WIDTH, CLIP_LAYERS, vocab), te / "clip_l.safetensors", torch.float16, seed=1)
+    write_random(clip_layout(CLIP_G_WIDTH, CLIP_LAYERS, vocab), te / "clip_g.safetensors", torch.float16, seed=2)
+    t5 = t5_layout(T5_WIDTH, T5_BLOCKS, T5_FF, t5_vocab, heads=T5_HEADS)
     write_random(t5, te / "t5xxl_fp16.safetensors", dtype=torch.float16, seed=3)
     write_random(t5, te / "t5xxl_fp8_e4m3fn.safetensors", dtype=torch.float8_e4m3fn, seed=3)
 

@@ -1,0 +1,229 @@
+"""Text-to-image (and image-to-image) with SD3.5 Medium: prompts -> conditioning -> flow sampling -> VAE -> PIL.
+
+    pipe = Pipeline.from_model_dir("models/sd3.5_medium", device="cpu", memory="sequential", t5="fp8")
+    images = pipe.generate(GenerationParams(prompt="a photo of a cat", seed=1))
+
+Memory modes:
+  resident   every model is loaded once and stays (fastest for many images);
+  sequential each model is loaded only while it works: the text encoders for encoding (then freed), the
+             transformer for sampling, the VAE for decoding. Peak memory is the largest single model.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+import encoders
+import vae as vae_lib
+from mmditx import load_mmditx, read_config
+from mmditx.checkpoint import parse_dtype
+
+from .guidance import GuidedDenoiser, SkipLayerGuidance
+from .samplers import get_sampler
+from .schedule import img2img_sigmas, initial_noise, noise_latent, sigmas
+
+MODEL_FILE_NAMES = ("sd3.5_medium.safetensors", "sd3.5_large.safetensors", "sd3_medium.safetensors")
+T5_FILES = {"fp16": "t5xxl_fp16.safetensors", "fp8": "t5xxl_fp8_e4m3fn.safetensors"}
+
+
+@dataclass
+class GenerationParams:
+    """Everything that determines an image (written into the PNG so it can be reproduced)."""
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = 40
+    cfg: float = 4.5
+    shift: float = 3.0
+    sampler: str = "euler"
+    seed: int = 0
+    slg: bool = False
+    slg_layers: tuple[int, ...] = (7, 8, 9)
+    slg_scale: float = 2.5
+    slg_start: float = 0.01
+    slg_end: float = 0.20
+    denoise: float = 1.0
+    init_image: str | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["slg_layers"] = list(self.slg_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationParams":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "slg_layers" in known:
+            known["slg_layers"] = tuple(known["slg_layers"])
+        return cls(**known)
+
+
+@dataclass
+class ModelFiles:
+    """Where the weights and tokenizers are. `from_dir` reads the official release layout."""
+    model: Path                      # single file with model.diffusion_model.* and first_stage_model.*
+    clip_l: Path
+    clip_g: Path
+    t5: Path | None                  # None: run without T5 (its part of the context is zeros)
+    tokenizer_l: Path
+    tokenizer_g: Path
+    tokenizer_t5: Path | None
+    vae: Path | None = None          # a separate VAE file; default: the VAE inside `model`
+
+    @classmethod
+    def from_dir(cls, root: str | os.PathLike, t5: str = "fp16") -> "ModelFiles":
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"model directory {root} does not exist")
+        models = [root / n for n in MODEL_FILE_NAMES if (root / n).is_file()]
+        if not models:
+            found = sorted(p.name for p in root.glob("*.safetensors"))
+            if len(found) != 1:
+                raise FileNotFoundError(
+                    f"{root}: expected sd3.5_medium.safetensors (or exactly one .safetensors file) in the directory; "
+                    f"found {found or 'none'}")
+            models = [root / found[0]]
+        te = root / "text_encoders"
+        if t5 not in ("fp16", "fp8", "off"):
+            raise ValueError(f"t5 must be 'fp16', 'fp8' or 'off', not {t5!r}")
+        t5_path = None
+        if t5 != "off":
+            t5_path = te / T5_FILES[t5]
+            if not t5_path.is_file():
+                other = te / T5_FILES["fp8" if t5 == "fp16" else "fp16"]
+                hint = f" ({other.name} is there: use --t5 {'fp8' if t5 == 'fp16' else 'fp16'})" if other.is_file() else ""
+                raise FileNotFoundError(f"{t5_path} not found{hint}; or run without T5 (--t5 off)")
+        files = cls(model=models[0], clip_l=te / "clip_l.safetensors", clip_g=te / "clip_g.safetensors", t5=t5_path,
+                    tokenizer_l=root / "tokenizer", tokenizer_g=root / "tokenizer_2",
+                    tokenizer_t5=(root / "tokenizer_3") if t5 != "off" else None)
+        for p in (files.clip_l, files.clip_g):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} not found (the official release has text_encoders/{p.name})")
+        return files
+
+
+def check_size(width: int, height: int, max_pixels_side: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if v % 16 or v <= 0:
+            raise ValueError(f"{name} {v} is not a positive multiple of 16 (the VAE halves 3 times and the "
+                             f"transformer patches 2x2): try {max(16, round(v / 16) * 16)}")
+        if v > max_pixels_side:
+            raise ValueError(f"{name} {v} is larger than the positional table allows: at most "
+                             f"{max_pixels_side} pixels per side for this model")
+
+
+class Pipeline:
+    def __init__(self, files: ModelFiles, device: str | torch.device = "cpu", dtype=None,
+                 memory: str = "resident"):
+        if memory not in ("resident", "sequential"):
+            raise ValueError(f"memory must be 'resident' or 'sequential', not {memory!r}")
+        self.files, self.device, self.memory = files, torch.device(device), memory
+        # fp32 on CPU (no fast half precision there), bf16 on GPU unless asked otherwise
+        self.dtype = parse_dtype(dtype) or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        self.config = read_config(files.model)  # header only: sizes can be checked before loading anything
+        self._text = self._transformer = self._vae = None
+        if memory == "resident":
+            self.text_encoder(), self.transformer(), self.autoencoder()
+
+    @classmethod
+    def from_model_dir(cls, root, t5: str = "fp16", **kw) -> "Pipeline":
+        return cls(ModelFiles.from_dir(root, t5=t5), **kw)
+
+    # -- components (loaded on demand; kept in resident mode) ---------------------------------------------
+    def text_encoder(self):
+        if self._text is None:
+            f = self.files
+            self._text = encoders.TextConditioner.from_files(
+                clip_l=f.clip_l, clip_g=f.clip_g, t5=f.t5, tokenizer_l=f.tokenizer_l, tokenizer_g=f.tokenizer_g,
+                tokenizer_t5=f.tokenizer_t5, device=self.device, dtype=self.dtype)
+        return self._text
+
+    def transformer(self):
+        if self._transformer is None:
+            self._transformer = load_mmditx(self.files.model, device=self.device, dtype=self.dtype)
+        return self._transformer
+
+    def autoencoder(self):
+        if self._vae is None:
+            self._vae = vae_lib.load_vae(self.files.vae or self.files.model, device=self.device, dtype=self.dtype)
+        return self._vae
+
+    def _release(self, name: str) -> None:
+        if self.memory == "sequential":
+            setattr(self, name, None)
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # -- the job -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], negatives: list[str]):
+        # One call, so prompt and negative share one T5 length and can be batched together for CFG.
+        context, pooled = self.text_encoder().encode(list(prompts) + list(negatives))
+        self._release("_text")
+        n = len(prompts)
+        return (context[:n], pooled[:n]), (context[n:], pooled[n:])
+
+    @torch.no_grad()
+    def generate(self, params: GenerationParams, num_images: int = 1,
+                 callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                 return_latents: bool = False):
+        """Images (PIL) for `params`, seeds params.seed .. params.seed + num_images - 1.
+        callback(step, total_steps, denoised_latent) is called after every step, and once with step -1 (and no
+        latent) when sampling begins, after the prompts are encoded."""
+        p = params
+        check_size(p.width, p.height, 8 * self.config.max_latent_size)
+        sampler = get_sampler(p.sampler)
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {num_images}")
+        n = num_images
+        seeds = [p.seed + k for k in range(n)]
+
+        cond, uncond = self.encode_prompts([p.prompt] * n, [p.negative_prompt] * n)
+        schedule = sigmas(p.steps, p.shift)
+        noise = initial_noise(seeds, self.config.in_channels, p.height, p.width)
+        latent = None
+        if p.init_image is not None:
+            schedule = img2img_sigmas(schedule, p.denoise)
+            latent = self._encode_image(p.init_image, p.width, p.height).expand(n, -1, -1, -1)
+        x = noise_latent(noise, latent, schedule[0]).to(self.device)
+
+        model = self.transformer()
+        as_model = [t.to(self.device, self.dtype) for t in (*cond, *uncond)]
+        slg = SkipLayerGuidance(p.slg_layers, p.slg_scale, p.slg_start, p.slg_end) if p.slg else None
+        if slg is not None and max(slg.layers, default=-1) >= self.config.depth:
+            raise ValueError(f"skip-layer guidance layers {slg.layers} outside the model's 0..{self.config.depth - 1}")
+        denoiser = GuidedDenoiser(model, tuple(as_model[:2]), tuple(as_model[2:]), p.cfg, p.steps, slg)
+        total = len(schedule) - 1
+        step_cb = None
+        if callback:
+            callback(-1, total, None)
+            step_cb = lambda i, x_, d: callback(i, total, d)  # noqa: E731
+        x = sampler(denoiser, x.float(), schedule.to(self.device), step_cb,
+                    generator=torch.Generator("cpu").manual_seed(p.seed))
+        self._release("_transformer")
+
+        images = self.autoencoder().decode(x)
+        self._release("_vae")
+        pil = vae_lib.tensor_to_images(images)
+        return (pil, x) if return_latents else pil
+
+    def _encode_image(self, path: str, width: int, height: int) -> torch.Tensor:
+        try:
+            image = Image.open(path).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read the init image {path}: {e}") from None
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.LANCZOS)
+        latent = self.autoencoder().encode(vae_lib.image_to_tensor(image), sample=False)
+        if self.memory == "sequential":
+            self._vae = None
+        return latent.float().cpu()
