@@ -274,12 +274,21 @@ def write_safetensors_streaming(
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the safetensors library does
-    with open(path, "wb") as out:
-        out.write(struct.pack("<Q", len(raw)))
-        out.write(raw)
-        for k in order:
-            t = produce(k)
-            shape, dtype = specs[k]
-            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                raise ValueError(f"{k}: produced {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dtype}")
-            out.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    # Written next to the target and renamed over it: a model memory-mapped from the old file keeps its
+    # (old) data instead of crashing with SIGBUS when the file is rewritten in place, and a failed write
+    # never leaves a truncated checkpoint behind.
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            for k in order:
+                t = produce(k)
+                shape, dtype = specs[k]
+                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                    raise ValueError(f"{k}: produced {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dtype}")
+                out.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -78,7 +78,7 @@ def t5_layout(width: int, blocks: int, heads: int, head_dim: int, ff: int, vocab
 
 # -- oracles ------------------------------------------------------------------------------------------------
 
-def clip_oracle(path: Path, **hf):
+def clip_oracle(path: Path, eos_token_id: int = 49407, **hf):
     """transformers' CLIPTextModelWithProjection holding the weights of `path` (fp32)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -87,7 +87,7 @@ def clip_oracle(path: Path, **hf):
     layers = len({k.split(".")[3] for k in sd if ".layers." in k})
     config = CLIPTextConfig(vocab_size=vocab, hidden_size=width, projection_dim=width, num_hidden_layers=layers,
                             intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
-                            max_position_embeddings=77, eos_token_id=49407, **hf)
+                            max_position_embeddings=77, eos_token_id=eos_token_id, **hf)
     with torch.device("meta"):
         model = CLIPTextModelWithProjection(config)
     model.load_state_dict(sd, assign=True, strict=True)
