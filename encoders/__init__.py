@@ -2,6 +2,7 @@
 
     text = encoders.TextConditioner.from_model_dir("sd3.5_medium/", t5="fp16")     # or "fp8", or "off"
     context, pooled = text.encode(["a photo of a cat"])       # (1, 154, 4096), (1, 2048)
+    (cond, cond_pooled), (uncond, uncond_pooled) = text.encode_pair(prompts, negatives)   # one T5 length
 
 or piece by piece:
 

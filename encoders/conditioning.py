@@ -112,3 +112,10 @@ class TextConditioner:
         context = torch.cat([clip, t5], dim=1)                                      # (B, 77 + T, 4096)
         pooled = torch.cat([pooled_l, pooled_g], dim=-1)                            # (B, 2048)
         return context, pooled
+
+    def encode_pair(self, prompts: list[str], negatives: list[str]):
+        """(prompts' (context, pooled), negatives' (context, pooled)) with one T5 length, ready to batch for CFG."""
+        prompts, negatives = list(prompts), list(negatives)
+        context, pooled = self.encode(prompts + negatives)
+        n = len(prompts)
+        return (context[:n], pooled[:n]), (context[n:], pooled[n:])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,8 @@ CLIP_LENGTH = 77
 T5_MIN_LENGTH = 77
 T5_MAX_CHARS = 226      # the official sd3 code hands T5 text[:226]
 T5_WARN_TOKENS = 256    # the model card reports artifacts at the image edges beyond 256 T5 tokens
+# Unicode's White_Space characters (str.split() would also split on \x1c-\x1f, which T5's tokenizer keeps)
+_UNICODE_SPACE = re.compile("[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 
 
 def _as_list(prompts: str | list[str]) -> list[str]:
@@ -136,7 +139,10 @@ class T5Tokenizer:
         """One prompt -> ids with the end token, unpadded."""
         if self.max_chars is not None:
             prompt = prompt[: self.max_chars]
-        words = [w for w in prompt.replace("\n", " ").split(" ") if w]
+        # Words as T5TokenizerFast (the official code's tokenizer) finds them: sentencepiece's own normalization
+        # first (it drops some control characters and maps odd spaces to ' '), then a split on Unicode spaces.
+        words = _UNICODE_SPACE.split(self.sp.normalize(prompt).replace("\u2581", " "))
+        words = [w for w in words if w]
         ids = [i for word in self.sp.encode(words) for i in word] + [self.end_id]
         if len(ids) > T5_WARN_TOKENS:
             warnings.warn(f"the prompt has {len(ids)} T5 tokens; SD3.5 was trained with at most {T5_WARN_TOKENS} "

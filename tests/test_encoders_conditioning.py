@@ -102,6 +102,10 @@ def test_long_t5_prompts_and_common_length(model_dir):
         assert text.encode("", t5_length=n)[0].shape == (1, 77 + n, 4096)
         with pytest.raises(ValueError, match="t5_length"):
             text.encode(long, t5_length=77)
+        # or both encoded together, for classifier-free guidance
+        (cond, cond_pooled), (uncond, uncond_pooled) = text.encode_pair(["cat"], [long])
+        assert cond.shape == uncond.shape == (1, 77 + n, 4096)
+        assert torch.equal(torch.cat([cond, uncond]), context)
 
 
 def test_model_dir_errors(model_dir, tmp_path):

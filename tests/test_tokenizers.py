@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from encoders import CLIPTokenizer, T5Tokenizer
@@ -145,6 +145,9 @@ def test_t5_matches_transformers(hf_t5, t5):
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=300)
        | st.lists(st.sampled_from(["a", "photo", "cat", "The", "moon", "🐱", "12", ",", " ", "\n", "é", "Öka",
                                    "riding", "zz"]), max_size=80).map("".join))
+@example("\x85")                 # Unicode spaces split words...
+@example("0\x850")
+@example("a\u3000b\x1cc")         # ...\x1c does not
 def test_t5_matches_transformers_on_generated_text(hf_t5, t5, prompt):
     assert_same_t5_tokens(t5, t5.tokenize(prompt), reference_t5_ids(hf_t5, prompt))
 
