@@ -221,6 +221,14 @@ def _find_prefix(f: SafetensorsFile, what: str) -> str:
                           f"{[p + probe for p in PREFIXES[what]]}; the file's top-level names are {tops[:12]}).{hint}")
 
 
+def clip_units(model: CLIPTextModel) -> list[nn.Module]:
+    """The modules of a CLIP model that are called and own all its weights: the units in which
+    mmditx.streaming.stream_weights converts them (one layer at a time in memory)."""
+    tm = model.text_model
+    proj = [model.text_projection] if model.text_projection is not None else []
+    return [tm.embeddings, *tm.encoder.layers, tm.final_layer_norm, *proj]
+
+
 def load_clip_l(path: str | os.PathLike, device: torch.device | str = "cpu",
                 dtype: torch.dtype | str | None = torch.float32) -> CLIPTextModel:
     """CLIP-L from `text_encoders/clip_l.safetensors`: 12 layers (read from the file), width 768, quick-GELU.

@@ -8,5 +8,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError, MMDiTXConfig, load_config
 from .loading import load_mmditx, read_config
 from .model import MMDiTX
+from .streaming import stop_streaming, stream_weights
 
-__all__ = ["MMDiTX", "MMDiTXConfig", "load_mmditx", "read_config", "load_config", "CheckpointError", "ConfigError"]
+__all__ = ["MMDiTX", "MMDiTXConfig", "load_mmditx", "read_config", "load_config", "CheckpointError", "ConfigError",
+           "stream_weights", "stop_streaming"]

@@ -33,6 +33,10 @@ class FinalLayer(nn.Module):
 
 
 class MMDiTX(nn.Module):
+    # Set by mmditx.streaming.stream_weights when weights stay stored (fp16, CPU) and compute happens elsewhere.
+    compute_dtype: torch.dtype | None = None
+    compute_device: torch.device | None = None
+
     def __init__(self, config: MMDiTXConfig):
         super().__init__()
         self.config = cfg = config
@@ -96,11 +100,12 @@ class MMDiTX(nn.Module):
         skip = set(skip_layers)
         if not skip <= set(range(self.config.depth)):
             raise ValueError(f"skip_layers {sorted(skip)} outside the model's blocks 0..{self.config.depth - 1}")
-        dtype = self.pos_embed.dtype
+        dtype = self.compute_dtype or self.pos_embed.dtype
         p = self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
 
-        x = self.x_embedder(x.to(dtype)) + self.cropped_pos_embed(h, w)        # (B, h*w, D)
+        pos = self.cropped_pos_embed(h, w).to(x.device, dtype)                 # (1, h*w, D), a no-op unless streaming
+        x = self.x_embedder(x.to(dtype)) + pos                                  # (B, h*w, D)
         c = self.t_embedder(t) + self.y_embedder(y.to(dtype))                   # (B, D)
         context = self.context_embedder(context.to(dtype))                      # (B, Lc, D)
 

@@ -54,7 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output directory, or a .png path")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
-    p.add_argument("--memory", choices=["resident", "sequential"], default="resident")
+    p.add_argument("--memory", choices=["resident", "sequential", "frugal"], default="resident",
+                   help="resident: all models stay loaded; sequential: one model at a time; frugal: sequential "
+                        "with weights kept as stored (fp16) and converted block by block (same images, ~half "
+                        "the memory)")
     p.add_argument("--t5", choices=["fp16", "fp8", "off"], default="fp16")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)

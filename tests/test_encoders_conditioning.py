@@ -87,6 +87,18 @@ def test_fp8_t5_from_the_release_directory(model_dir):
     assert (context - ref_context).abs().max() < 1e-4
 
 
+def test_streamed_clip_weights_give_identical_conditioning(model_dir):
+    """stream=True: CLIP weights stay as stored (memory-mapped), converted one layer at a time: same numbers."""
+    plain = encoders.TextConditioner.from_model_dir(model_dir, t5="fp8")
+    lean = encoders.TextConditioner.from_model_dir(model_dir, t5="fp8", stream=True)
+    stored = {p.dtype for p in encoders.load_clip_g(model_dir / "text_encoders" / "clip_g.safetensors",
+                                                    dtype=None).parameters()}
+    assert {p.dtype for p in lean.clip_g.parameters()} == stored
+    for a, b in zip(plain.encode(PROMPTS), lean.encode(PROMPTS)):
+        assert torch.equal(a, b)
+    assert {p.dtype for p in lean.clip_g.parameters()} == stored   # no converted copy kept
+
+
 def test_long_t5_prompts_and_common_length(model_dir):
     text = encoders.TextConditioner.from_model_dir(model_dir, t5="fp16")
     long = "⑳ " * 40                                       # NFKC '(20)': ~3 T5 tokens a word, > 77 in all

@@ -1,0 +1,83 @@
+"""Weights kept small, computed big: run a model whose weights stay in their stored dtype (fp16/bf16, memory-mapped
+from the file) and/or on another device, converting one block at a time just before it runs.
+
+    model = load_mmditx("sd3.5_medium.safetensors", dtype=None)      # fp16 as stored, zero copy (4.6 GiB)
+    stream_weights(model, device="cpu", dtype=torch.float32)          # computes in fp32, one block upcast at a time
+    # or, on a small GPU: weights stay in CPU memory, each block visits the GPU only while it runs
+    stream_weights(model, device="cuda", dtype=torch.bfloat16)
+
+A forward pre-hook on each unit (the embedders, every joint block, the final layer) swaps the unit's parameters
+for converted copies; a forward hook swaps the stored tensors back, so at most one unit exists in the compute
+dtype/device at a time. The converted values are exactly those `load_mmditx(..., dtype=...)` would hold, so the
+outputs are bit-identical to a model loaded in the compute dtype (tests/test_streaming.py), at the price of one
+conversion of every weight per forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .checkpoint import parse_dtype
+
+
+def mmditx_units(model: nn.Module) -> list[nn.Module]:
+    """The modules of an MMDiTX that are *called* (so their hooks fire) and own every weight used inside them."""
+    return [model.x_embedder, model.t_embedder, model.y_embedder, model.context_embedder,
+            *model.joint_blocks, model.final_layer]
+
+
+class _Swap:
+    """Pre-hook: replace the unit's parameters by converted copies. Post-hook: put the stored ones back."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self.stored: dict[nn.Parameter, torch.Tensor] = {}
+
+    def before(self, module: nn.Module, args) -> None:
+        for p in module.parameters():
+            if p not in self.stored:
+                self.stored[p] = p.data
+                p.data = p.data.to(self.device, self.dtype if p.is_floating_point() else p.dtype, non_blocking=True)
+
+    def after(self, module: nn.Module, args, output) -> None:
+        for p in module.parameters():
+            if p in self.stored:
+                p.data = self.stored.pop(p)
+
+
+def stream_weights(model: nn.Module, device: torch.device | str | None = None,
+                   dtype: torch.dtype | str | None = torch.float32,
+                   units: Iterable[nn.Module] | None = None) -> nn.Module:
+    """Make `model` compute in `dtype` on `device` while its weights stay as they are (see the module docstring).
+
+    units: the modules converted as one piece (default: `mmditx_units(model)` for an MMDiTX). Any weight used
+    outside them must be small or handled by the model itself (MMDiTX casts its positional-table crop).
+    Returns the model; `model.compute_dtype` and `model.compute_device` are set so its forward can cast inputs.
+    """
+    dtype = parse_dtype(dtype)
+    if dtype is None:
+        raise ValueError("stream_weights needs a compute dtype (e.g. torch.float32 on CPU, torch.bfloat16 on GPU)")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if getattr(model, "_weight_streaming", None):
+        raise ValueError("stream_weights was already applied to this model")
+    units = list(units) if units is not None else mmditx_units(model)
+    swap = _Swap(device, dtype)
+    handles = []
+    for unit in units:
+        handles.append(unit.register_forward_pre_hook(swap.before))
+        handles.append(unit.register_forward_hook(swap.after, always_call=True))
+    model._weight_streaming = handles
+    model.compute_dtype, model.compute_device = dtype, device
+    return model
+
+
+def stop_streaming(model: nn.Module) -> nn.Module:
+    """Undo `stream_weights`: the model computes in its weights' own dtype and device again."""
+    for h in getattr(model, "_weight_streaming", None) or ():
+        h.remove()
+    model._weight_streaming = None
+    model.compute_dtype = model.compute_device = None
+    return model
