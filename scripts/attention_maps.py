@@ -1,0 +1,173 @@
+"""Where does the image attend to each prompt word? Generate an image and write one heatmap per word.
+
+    python scripts/attention_maps.py --prompt "a photo of a cat" --steps 8          # embedded random weights
+    python scripts/attention_maps.py --model-dir ~/models/sd3.5_medium --prompt "a red cube on a blue sphere" \\
+        --seed 1 --blocks 0-12 --steps-used 0-19 --out outputs/attention
+
+For every word of the prompt: the joint-attention probability that image patches give to the word's tokens
+(CLIP-L/G and T5 positions), averaged over attention heads, the chosen joint blocks and sampling steps (the
+conditional prompt only), upsampled, colored and blended over the generated image. Writes one PNG per word
+(SEED_NN_word.png) and a contact sheet of the image and all panels (SEED_sheet.png) into --out; existing files
+are never overwritten. Without --model-dir the embedded random-weight model set is used: the pipeline and the
+bookkeeping are the real ones, but the maps mean nothing (the weights are random).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a file, Python puts scripts/ first on sys.path, where scripts/inspect.py would shadow the standard
+# library's `inspect` (imported by torch): put the repository root in its place.
+if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
+    sys.path[0] = str(ROOT)
+else:
+    sys.path.insert(0, str(ROOT))
+
+from sampling.defaults import load_sampling_defaults  # noqa: E402
+from sampling.samplers import SAMPLERS  # noqa: E402
+
+EMBEDDED_SIZE = 256     # default image side with the embedded model set (its positional table allows 512)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Per-word attention heatmaps from SD3.5 Medium's joint attention (mmditx).")
+    p.add_argument("--prompt", default="a photo of a cat", help="the prompt (one panel per word)")
+    p.add_argument("--negative", "--negative-prompt", dest="negative", default=None, help="negative prompt")
+    p.add_argument("--model-dir", type=Path, help="directory laid out like the official release; "
+                   "default: the embedded random-weight model set (maps without meaning)")
+    p.add_argument("--preset", default="sd3.5_medium", choices=["sd3.5_medium", "sd3.5_medium_model_card"],
+                   help="sampling defaults, as for generate.py")
+    p.add_argument("--width", type=int, help=f"default 1024 ({EMBEDDED_SIZE} with the embedded model set)")
+    p.add_argument("--height", type=int, help=f"default 1024 ({EMBEDDED_SIZE} with the embedded model set)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float)
+    p.add_argument("--shift", type=float)
+    p.add_argument("--sampler", choices=sorted(SAMPLERS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slg", action=argparse.BooleanOptionalAction, default=None, help="skip-layer guidance")
+    p.add_argument("--blocks", default="all", help="joint blocks to average, e.g. '0-12', '5,10', '0-3,20' "
+                   "(default: all)")
+    p.add_argument("--steps-used", default="all", help="sampling steps to average (0 = the first, noisiest), "
+                   "e.g. '0-9' (default: all)")
+    p.add_argument("--out", type=Path, default=Path("outputs/attention_maps"), help="output directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
+    p.add_argument("--memory", choices=["resident", "sequential"], default="resident")
+    p.add_argument("--t5", choices=["fp16", "fp8", "off"], default="fp16")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def parse_indices(text: str, limit: int, what: str) -> list[int]:
+    """'all', '7', '0-12', '0-3,20' -> sorted indices, each checked against 0..limit-1."""
+    text = text.strip()
+    if text.lower() == "all":
+        return list(range(limit))
+    out: set[int] = set()
+    for part in text.split(","):
+        a, dash, b = part.strip().partition("-")
+        try:
+            lo, hi = int(a), int(b) if dash else int(a)
+        except ValueError:
+            raise ValueError(f"{what} {text!r}: expected indices like '5', '0-12' or '0-3,20' (or 'all')") from None
+        if lo > hi:
+            raise ValueError(f"{what} {text!r}: range {lo}-{hi} runs backwards")
+        out.update(range(lo, hi + 1))
+    bad = sorted(i for i in out if i >= limit)
+    if bad:
+        raise ValueError(f"{what} {text!r}: {bad[0]} is outside 0..{limit - 1}")
+    return sorted(out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from sampling.attention_maps import attention_maps, contact_sheet, overlay, slug, split_words
+    from sampling.io import ProgressBar, save_png
+    from sampling.pipeline import GenerationParams, Pipeline
+
+    if args.out.exists() and not args.out.is_dir():
+        raise SystemExit(f"error: --out {args.out} is a file; give a directory (it is created if missing)")
+
+    embedded = args.model_dir is None
+    model_dir = args.model_dir
+    if embedded:
+        from sampling.embedded import embedded_model_dir
+        model_dir = embedded_model_dir()
+        print(f"!! no --model-dir: using the EMBEDDED RANDOM-WEIGHT model set in {model_dir}. The maps show the "
+              f"machinery, not meaning; pass --model-dir with the official files for real ones.", file=sys.stderr)
+
+    d = load_sampling_defaults(args.preset)
+    size = EMBEDDED_SIZE if embedded else 1024
+    def given(value, default):
+        return default if value is None else value
+
+    params = GenerationParams(
+        prompt=args.prompt, negative_prompt=args.negative or "", width=given(args.width, size),
+        height=given(args.height, size), steps=given(args.steps, d["steps"]), cfg=given(args.cfg, d["cfg"]),
+        shift=given(args.shift, d["shift"]), sampler=given(args.sampler, d["sampler"]), seed=args.seed,
+        slg=given(args.slg, d["slg"]["enabled"]), slg_layers=tuple(d["slg"]["layers"]),
+        slg_scale=d["slg"]["scale"], slg_start=d["slg"]["start"], slg_end=d["slg"]["end"])
+    if params.steps < 1:
+        raise SystemExit(f"error: --steps must be at least 1, got {params.steps}")
+
+    if not split_words(args.prompt):
+        raise SystemExit(f"error: the prompt {args.prompt!r} has no words to map (only spaces and punctuation)")
+    try:
+        pipe = Pipeline.from_model_dir(model_dir, t5=args.t5, device=args.device, dtype=args.dtype, memory=args.memory)
+        blocks = parse_indices(args.blocks, pipe.config.depth, "--blocks")
+        steps = parse_indices(args.steps_used, params.steps, "--steps-used")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}), "
+          f"{pipe.config.depth} joint blocks; sampler {params.sampler}, {params.steps} steps, cfg {params.cfg}, "
+          f"SLG {'on' if params.slg else 'off'}, {params.width}x{params.height}, seed {params.seed}", file=sys.stderr)
+    print(f"averaging blocks {args.blocks} and steps {args.steps_used}", file=sys.stderr)
+
+    bars = []
+
+    def progress(i, total, denoised):
+        if args.quiet:
+            return
+        if i < 0:
+            bars.append(ProgressBar(total))
+        else:
+            bars[-1].update(i + 1)
+
+    try:
+        result = attention_maps(pipe, params, blocks=blocks, steps=steps, callback=progress)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    meta = {**params.to_dict(), "model": pipe.files.model.name, "embedded_random_weights": embedded,
+            "blocks": result.blocks, "steps_used": result.steps}
+    panels, written = [], []
+    for k, (word, heat) in enumerate(zip(result.words, result.maps)):
+        if not word.positions:
+            print(f"skipped {word.text!r}: past both CLIP's 75 tokens and T5's 226 characters, the model never "
+                  f"sees it", file=sys.stderr)
+            continue
+        share = heat.mean().item()
+        panel = overlay(result.image, heat, f"{word.text} {100 * share:.1f}%")
+        panels.append(panel)
+        info = {**meta, "word": word.text, "clip_positions": word.clip, "t5_positions": word.t5,
+                "mean_attention": share}
+        written.append(save_png(panel, args.out / f"{params.seed:06d}_{k:02d}_{slug(word.text)}.png", info))
+        print(f"{word.text!r}: context positions CLIP {word.clip} T5 {word.t5}, {100 * share:.2f}% of the image's "
+              f"attention -> {written[-1]}", file=sys.stderr)
+    title = f"{args.prompt}  |  blocks {args.blocks}, steps {args.steps_used}"
+    title += "  |  RANDOM WEIGHTS" if embedded else ""
+    sheet = contact_sheet(result.image, panels, title)
+    written.append(save_png(sheet, args.out / f"{params.seed:06d}_sheet.png", meta))
+    print(f"contact sheet -> {written[-1]}", file=sys.stderr)
+    if embedded:
+        print("!! random weights: these maps are not semantically meaningful", file=sys.stderr)
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
