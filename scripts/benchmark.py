@@ -1,13 +1,20 @@
 """Benchmarks against diffusers on the same random full-size weights in the official layout.
 
     python scripts/benchmark.py transformer [--size 256] [--batch 2] [--tokens 154] [--runs 3]
+    python scripts/benchmark.py transformer --attention math|flash|default [--compile]
     python scripts/benchmark.py load [--stored fp16] [--dtype fp32]
+    python scripts/benchmark.py pipeline [--size 512] [--steps 4]
 
 `transformer` times one forward pass of the full-size SD3.5 Medium transformer, ours and diffusers'
 SD3Transformer2DModel holding the *same* weight tensors, alternating in one process, and prints medians, the
 ratio ours/diffusers, and the time the same matrix products take on their own (the matmul bound).
 `load` measures, in fresh subprocesses, the time and peak RSS of going from the single file to a ready
 transformer + VAE, ours against diffusers' single-file path (read, convert, load), every weight touched once.
+`pipeline` runs whole text-to-image jobs (load, encode, sample, decode) in fresh subprocesses on a full-size
+random model directory in the release layout, ours in each memory mode and diffusers' StableDiffusion3Pipeline
+with the same components, and prints seconds and peak RSS. diffusers cannot hold T5-XXL in fp32 next to the
+rest in 24 GiB, so the side-by-side runs are without T5 (both zero its part of the context); ours also runs with
+the fp8 T5 file, which it keeps in fp8.
 
 The random checkpoint (official layout, ~5 GB in fp16) is written once under --cache.
 Nothing here is a pass/fail test: CI never runs it.
@@ -140,26 +147,54 @@ def bench_transformer(args) -> None:
     def run_ref():
         return ref(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=y, timestep=t, return_dict=False)[0]
 
-    times = {"ours": [], "diffusers": []}
-    with torch.inference_mode():
+    runners = {"ours": run_ours, "diffusers": run_ref}
+    extra = {}
+    with torch.inference_mode(), attention_backend(args.attention):
         a, b = run_ours(), run_ref()  # warm-up, and a sanity check that both compute the same thing
         print(f"max |ours - diffusers| = {(a - b).abs().max().item():.3e} (output scale {b.abs().max().item():.3f})")
+        if args.compile:
+            compiled = torch.compile(ours)
+            start = time.perf_counter()
+            c = compiled(x, t, context=ctx, y=y)
+            extra["compile_s"] = round(time.perf_counter() - start, 1)
+            extra["max_abs_compiled_vs_eager"] = float((c - a).abs().max())
+            runners["ours_compiled"] = lambda: compiled(x, t, context=ctx, y=y)
+        times = {name: [] for name in runners}
         for _ in range(args.runs):
-            for name, fn in (("ours", run_ours), ("diffusers", run_ref)):
+            for name, fn in runners.items():
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
         bound = [matmul_bound_seconds(run_ours) for _ in range(args.runs)]
     med = {k: statistics.median(v) for k, v in times.items()}
+    if args.compile:
+        extra["ratio_compiled_over_eager"] = round(med["ours_compiled"] / med["ours"], 3)
+        extra["ratio_compiled_over_diffusers"] = round(med["ours_compiled"] / med["diffusers"], 3)
     print(json.dumps({"what": "transformer forward", "image": f"{args.size}x{args.size}", "batch": B,
-                      "context_tokens": args.tokens, "dtype": args.dtype, "threads": torch.get_num_threads(),
+                      "context_tokens": args.tokens, "dtype": args.dtype, "attention": args.attention,
+                      "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "runs": args.runs,
                       "seconds": {k: [round(s, 3) for s in v] for k, v in times.items()},
                       "median_s": {k: round(v, 3) for k, v in med.items()},
                       "ratio_ours_over_diffusers": round(med["ours"] / med["diffusers"], 3),
                       "matmul_bound_s": {k: round(statistics.median(b[k] for b in bound), 3) for k in bound[0]},
                       "ours_fraction_of_matmul_bound": round(statistics.median(sum(b.values()) for b in bound)
-                                                             / med["ours"], 3)}, indent=2))
+                                                             / med["ours"], 3), **extra}, indent=2))
+
+
+def attention_backend(name: str):
+    """The scaled_dot_product_attention kernels torch may pick, for ours and diffusers alike. On CPU torch
+    offers the fused flash kernel and the math (two matmuls and a softmax) one; on CUDA also cuDNN and
+    memory-efficient attention."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name == "default":
+        return contextlib.nullcontext()
+    backends = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    return sdpa_kernel([backends[name]])
 
 
 def peak_rss_kb() -> int:
@@ -204,7 +239,8 @@ def _load_diffusers(path: str, dtype):
                            down_block_types=("DownEncoderBlock2D",) * levels,
                            up_block_types=("UpDecoderBlock2D",) * levels,
                            block_out_channels=tuple(vc.ch * m for m in vc.ch_mult), layers_per_block=vc.num_res_blocks,
-                           latent_channels=vc.z_channels, use_quant_conv=False, use_post_quant_conv=False)
+                           latent_channels=vc.z_channels, use_quant_conv=False, use_post_quant_conv=False,
+                           scaling_factor=vc.scale_factor, shift_factor=vc.shift_factor)
     vae_sd = convert_ldm_vae_checkpoint(sd, dict(ae.config))
     ae.load_state_dict({k: v.to(dtype) for k, v in vae_sd.items()}, assign=True, strict=True)
     del sd, tf_sd, vae_sd
@@ -251,9 +287,114 @@ def bench_load(args) -> None:
                                                                   / res["diffusers"]["peak_rss_GiB"], 3)}, indent=2))
 
 
+def full_model_dir(cache: Path) -> Path:
+    """A release-layout directory with random full-size weights: the transformer + VAE file above, CLIP-L and
+    CLIP-G (fp16, the real CLIP vocabulary) and T5-XXL in fp8 (a small sentencepiece vocabulary: the real one
+    is not available offline; the ids it makes are valid rows of the full 32128-row table). Written once."""
+    import shutil
+
+    from sampling.embedded import write_random, write_t5_tokenizer
+    from tests.official import CLIP_TOKENIZER_DIR, official_layout
+
+    root = cache / "sd3.5_medium_random"
+    if (root / "COMPLETE").is_file():
+        return root
+    te = root / "text_encoders"
+    te.mkdir(parents=True, exist_ok=True)
+    model = root / "sd3.5_medium.safetensors"
+    if not model.exists():
+        model.symlink_to(random_checkpoint(cache, "fp16"))
+    for name, file, dtype, seed in (("clip_l", "clip_l.safetensors", torch.float16, 1),
+                                    ("clip_g", "clip_g.safetensors", torch.float16, 2),
+                                    ("t5xxl", "t5xxl_fp8_e4m3fn.safetensors", torch.float8_e4m3fn, 3)):
+        if not (te / file).exists():
+            print(f"writing {te / file} (once) ...", flush=True)
+            write_random(official_layout(name), te / file, dtype=dtype, seed=seed)
+    for tok in ("tokenizer", "tokenizer_2"):
+        if not (root / tok).exists():
+            shutil.copytree(CLIP_TOKENIZER_DIR, root / tok)
+    if not (root / "tokenizer_3").exists():
+        write_t5_tokenizer(root / "tokenizer_3")
+    (root / "COMPLETE").write_text("random weights, for scripts/benchmark.py\n")
+    return root
+
+
+def _diffusers_pipeline(root: Path):
+    """diffusers' StableDiffusion3Pipeline from the same files, without T5 (see the module docstring)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    from tests.test_encoders_common import CLIP_G_HF, CLIP_L_HF, clip_oracle
+
+    transformer, vae = _load_diffusers(str(root / "sd3.5_medium.safetensors"), torch.float32)
+    te = root / "text_encoders"
+    tok = lambda d, **kw: CLIPTokenizer(str(root / d / "vocab.json"), str(root / d / "merges.txt"),  # noqa: E731
+                                        model_max_length=77, **kw)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        text_encoder=clip_oracle(te / "clip_l.safetensors", **CLIP_L_HF), tokenizer=tok("tokenizer"),
+        text_encoder_2=clip_oracle(te / "clip_g.safetensors", **CLIP_G_HF), tokenizer_2=tok("tokenizer_2", pad_token="!"),
+        text_encoder_3=None, tokenizer_3=None)
+
+
+def _pipeline_child(who: str, memory: str, t5: str, root: str, size: int, steps: int) -> None:
+    """In a fresh process: one whole text-to-image job from the files, timed from the first load to the image."""
+    from sampling.pipeline import GenerationParams, Pipeline
+
+    prompt, negative = "a photo of a red fox in the snow, golden hour", "blurry"
+    start = time.perf_counter()
+    with torch.inference_mode():
+        if who == "ours":
+            pipe = Pipeline.from_model_dir(root, t5=t5, memory=memory)
+            image = pipe.generate(GenerationParams(prompt=prompt, negative_prompt=negative, width=size, height=size,
+                                                   steps=steps, cfg=4.5, sampler="euler", seed=0))[0]
+        else:
+            pipe = _diffusers_pipeline(Path(root))
+            image = pipe(prompt=prompt, negative_prompt=negative, height=size, width=size, num_inference_steps=steps,
+                         guidance_scale=4.5, max_sequence_length=77,
+                         generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_kb": peak_rss_kb(), "image": list(image.size)}))
+
+
+PIPELINE_RUNS = {  # name: (who, memory mode, T5)
+    "ours resident, no T5": ("ours", "resident", "off"),
+    "diffusers, no T5": ("diffusers", "resident", "off"),
+    "ours frugal, no T5": ("ours", "frugal", "off"),
+    "ours sequential, T5 fp8": ("ours", "sequential", "fp8"),
+    "ours frugal, T5 fp8": ("ours", "frugal", "fp8"),
+}
+
+
+def bench_pipeline(args) -> None:
+    root = full_model_dir(args.cache)
+    gib, res = 1024 ** 3, {}
+    for name in args.only or PIPELINE_RUNS:
+        who, memory, t5 = PIPELINE_RUNS[name]
+        print(f"running {name} ...", flush=True)
+        out = subprocess.run([sys.executable, __file__, "_pipeline_child", who, memory, t5, str(root),
+                              str(args.size), str(args.steps)], capture_output=True, text=True)
+        if out.returncode != 0:
+            res[name] = {"failed": out.stderr.strip().splitlines()[-1:]}
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        res[name] = {"seconds": round(r["seconds"], 1), "peak_rss_GiB": round(r["peak_kb"] * 1024 / gib, 2)}
+        print(json.dumps({name: res[name]}), flush=True)
+    ratios = {}
+    a, b = res.get("ours resident, no T5", {}), res.get("diffusers, no T5", {})
+    if "seconds" in a and "seconds" in b:
+        ratios = {"time_ratio_ours_resident_over_diffusers": round(a["seconds"] / b["seconds"], 3),
+                  "peak_rss_ratio_ours_resident_over_diffusers": round(a["peak_rss_GiB"] / b["peak_rss_GiB"], 3)}
+    print(json.dumps({"what": f"text-to-image {args.size}x{args.size}, {args.steps} euler steps, CFG 4.5, from "
+                              "the files to the image (fresh process each)", "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "runs": res, **ratios}, indent=2))
+
+
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_load_child":
         return _load_child(sys.argv[2], sys.argv[3], sys.argv[4])
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_pipeline_child":
+        return _pipeline_child(*sys.argv[2:6], int(sys.argv[6]), int(sys.argv[7]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the random checkpoint is written")
     p.add_argument("--stored", default="fp16", choices=["fp16", "bf16", "fp32"], help="dtype stored in the file")
@@ -264,11 +405,18 @@ def main(argv=None) -> None:
     t.add_argument("--tokens", type=int, default=154, help="context tokens (77 CLIP + 77 T5)")
     t.add_argument("--runs", type=int, default=3)
     t.add_argument("--dtype", default="fp32")
+    t.add_argument("--attention", default="default", choices=["default", "math", "flash", "efficient", "cudnn"],
+                   help="restrict scaled_dot_product_attention to one backend (both models)")
+    t.add_argument("--compile", action="store_true", help="also time torch.compile(ours); prints compile time")
     ld = sub.add_parser("load", help="time and peak RSS of loading transformer + VAE, ours vs diffusers")
     ld.add_argument("--dtype", default="fp32")
     ld.add_argument("--runs", type=int, default=3)
+    pl = sub.add_parser("pipeline", help="whole text-to-image runs: seconds and peak RSS, ours vs diffusers")
+    pl.add_argument("--size", type=int, default=512)
+    pl.add_argument("--steps", type=int, default=4)
+    pl.add_argument("--only", nargs="+", choices=list(PIPELINE_RUNS), help="run only these")
     args = p.parse_args(argv)
-    {"transformer": bench_transformer, "load": bench_load}[args.cmd](args)
+    {"transformer": bench_transformer, "load": bench_load, "pipeline": bench_pipeline}[args.cmd](args)
 
 
 if __name__ == "__main__":
