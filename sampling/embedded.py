@@ -66,32 +66,36 @@ def write_random(shapes: dict, path: Path, dtype: torch.dtype = torch.float32, s
     write_safetensors_streaming(specs, lambda k: random_tensor(k, specs[k][0], g).to(dtype), path)
 
 
-def clip_layout(width: int, layers: int, vocab: int, projection: bool = True) -> dict:
-    """Key names and shapes of the official clip_l / clip_g files, at any size."""
+def clip_layout(width: int, layers: int, vocab: int = 49408, mlp: int | None = None, positions: int = 77,
+                projection: bool = True) -> dict:
+    """Key names and shapes of the official clip_l / clip_g files, at any size (MLP width 4x by default)."""
+    mlp = mlp or 4 * width
     p = "text_model."
     out = {p + "embeddings.token_embedding.weight": (vocab, width),
-           p + "embeddings.position_embedding.weight": (77, width)}
+           p + "embeddings.position_embedding.weight": (positions, width)}
     for i in range(layers):
         b = f"{p}encoder.layers.{i}."
         for n in ("layer_norm1", "layer_norm2"):
             out[b + n + ".weight"] = out[b + n + ".bias"] = (width,)
         for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
             out[b + f"self_attn.{n}.weight"], out[b + f"self_attn.{n}.bias"] = (width, width), (width,)
-        out[b + "mlp.fc1.weight"], out[b + "mlp.fc1.bias"] = (4 * width, width), (4 * width,)
-        out[b + "mlp.fc2.weight"], out[b + "mlp.fc2.bias"] = (width, 4 * width), (width,)
+        out[b + "mlp.fc1.weight"], out[b + "mlp.fc1.bias"] = (mlp, width), (mlp,)
+        out[b + "mlp.fc2.weight"], out[b + "mlp.fc2.bias"] = (width, mlp), (width,)
     out[p + "final_layer_norm.weight"] = out[p + "final_layer_norm.bias"] = (width,)
     if projection:
         out["text_projection.weight"] = (width, width)
     return out
 
 
-def t5_layout(width: int, blocks: int, ff: int, vocab: int, heads: int) -> dict:
-    """Key names and shapes of the official t5xxl file, at any size (head size 64 as in T5-XXL)."""
+def t5_layout(width: int, blocks: int, ff: int, vocab: int, heads: int, head_dim: int = 64) -> dict:
+    """Key names and shapes of the official t5xxl file (T5 v1.1 encoder), at any size."""
+    inner = heads * head_dim
     out = {"encoder.embed_tokens.weight": (vocab, width)}
     for i in range(blocks):
         b = f"encoder.block.{i}.layer."
-        for n in "qkvo":
-            out[b + f"0.SelfAttention.{n}.weight"] = (heads * 64, width) if n != "o" else (width, heads * 64)
+        for n in "qkv":
+            out[b + f"0.SelfAttention.{n}.weight"] = (inner, width)
+        out[b + "0.SelfAttention.o.weight"] = (width, inner)
         if i == 0:
             out[b + "0.SelfAttention.relative_attention_bias.weight"] = (32, heads)
         out[b + "0.layer_norm.weight"] = out[b + "1.layer_norm.weight"] = (width,)

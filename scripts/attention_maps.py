@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("outputs/attention_maps"), help="output directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
-    p.add_argument("--memory", choices=["resident", "sequential"], default="resident")
+    p.add_argument("--memory", choices=["resident", "sequential", "frugal"], default="resident",
+                   help="as for generate.py (frugal: weights streamed to the compute dtype block by block)")
     p.add_argument("--t5", choices=["fp16", "fp8", "off"], default="fp16")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)

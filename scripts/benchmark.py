@@ -1,8 +1,9 @@
 """Benchmarks against diffusers on the same random full-size weights in the official layout.
 
     python scripts/benchmark.py transformer [--size 256] [--batch 2] [--tokens 154] [--runs 3]
-    python scripts/benchmark.py transformer --attention math|flash|default [--compile]
+    python scripts/benchmark.py transformer --attention math|flash|default [--compile] [--profile]
     python scripts/benchmark.py load [--stored fp16] [--dtype fp32]
+    python scripts/benchmark.py vae [--size 512]
     python scripts/benchmark.py pipeline [--size 512] [--steps 4]
 
 `transformer` times one forward pass of the full-size SD3.5 Medium transformer, ours and diffusers'
@@ -10,6 +11,7 @@ SD3Transformer2DModel holding the *same* weight tensors, alternating in one proc
 ratio ours/diffusers, and the time the same matrix products take on their own (the matmul bound).
 `load` measures, in fresh subprocesses, the time and peak RSS of going from the single file to a ready
 transformer + VAE, ours against diffusers' single-file path (read, convert, load), every weight touched once.
+`vae` times one decode, ours (also in channels-last memory format) against diffusers' AutoencoderKL.
 `pipeline` runs whole text-to-image jobs (load, encode, sample, decode) in fresh subprocesses on a full-size
 random model directory in the release layout, ours in each memory mode and diffusers' StableDiffusion3Pipeline
 with the same components, and prints seconds and peak RSS. diffusers cannot hold T5-XXL in fp32 next to the
@@ -44,7 +46,7 @@ import torch  # noqa: E402
 
 from mmditx import load_mmditx  # noqa: E402
 from mmditx.checkpoint import parse_dtype  # noqa: E402
-from mmditx.compare import diffusers_sd3_kwargs  # noqa: E402
+from mmditx.compare import diffusers_sd3_kwargs, diffusers_vae_kwargs  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("MMDITX_BENCH_CACHE", "/tmp/mmditx_bench"))
 
@@ -75,38 +77,39 @@ def diffusers_twin(model):
     return ref.eval().requires_grad_(False)
 
 
-def matmul_bound_seconds(fn) -> dict[str, float]:
+def matmul_bound_seconds(fn, keep: set[int] = frozenset()) -> dict[str, float]:
     """The time the matrix products of `fn()` alone take: log every matmul/attention call of one run
     (shapes and layouts), then replay the same products on fresh tensors and time them. Attention is replayed
-    as its two products (q k^T and p v), the work a perfect fused kernel cannot avoid.
+    as its two products (q k^T and p v), the work a perfect fused kernel cannot avoid. Operands whose storage
+    pointer is in `keep` (the model's weights) are reused as they are rather than copied: no second set of weights.
     Returns seconds for {'linear': the linear layers, 'attention': the attention products}."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     aten = torch.ops.aten
     log = []
 
+    def spec(t):  # a model weight is kept (a reference); anything else is remembered by its layout
+        return t if t.untyped_storage().data_ptr() in keep else (tuple(t.shape), t.stride(), t.dtype)
+
     class Log(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.__name__.split(".")[0]
             if name == "linear":  # (input, weight[, bias]): a GEMM of input rows by weight.t()
-                log.append((name, [tuple(args[0].shape), tuple(args[1].shape)], args[0].dtype))
+                log.append(("linear", [spec(args[0]), spec(args[1])]))
             elif name in ("addmm", "addmm_", "mm", "bmm"):
                 mats = [a for a in args if isinstance(a, torch.Tensor) and a.ndim >= 2][-2:]
-                log.append(("matmul", [(tuple(m.shape), m.stride()) for m in mats], mats[0].dtype))
+                log.append(("matmul", [spec(m) for m in mats]))
             elif "scaled_dot_product" in name:
-                log.append(("attention", [tuple(args[0].shape), tuple(args[1].shape)], args[0].dtype))
+                log.append(("attention", [spec(args[0]), spec(args[1])]))
             return func(*args, **(kwargs or {}))
 
     with Log():
         fn()
 
-    jobs = []
-    for kind, shapes, dtype in log:
-        if kind == "matmul":
-            mats = [torch.empty_strided(sh, st, dtype=dtype).normal_() for sh, st in shapes]
-        else:
-            mats = [torch.randn(*sh, dtype=dtype) for sh in shapes]
-        jobs.append((kind, mats))
+    def make(s):
+        return s if isinstance(s, torch.Tensor) else torch.empty_strided(s[0], s[1], dtype=s[2]).normal_()
+
+    jobs = [(kind, [make(s) for s in specs]) for kind, specs in log]
 
     def replay(kinds=("linear", "matmul", "attention")):
         for kind, mats in jobs:
@@ -165,7 +168,10 @@ def bench_transformer(args) -> None:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
-        bound = [matmul_bound_seconds(run_ours) for _ in range(args.runs)]
+        weights = {t.untyped_storage().data_ptr() for t in [*ours.parameters(), *ours.buffers()]}
+        bound = [matmul_bound_seconds(run_ours, weights) for _ in range(args.runs)]
+        if args.profile:
+            extra["profile_top_ops"] = {name: top_ops(fn) for name, fn in runners.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     if args.compile:
         extra["ratio_compiled_over_eager"] = round(med["ours_compiled"] / med["ours"], 3)
@@ -180,6 +186,62 @@ def bench_transformer(args) -> None:
                       "matmul_bound_s": {k: round(statistics.median(b[k] for b in bound), 3) for k in bound[0]},
                       "ours_fraction_of_matmul_bound": round(statistics.median(sum(b.values()) for b in bound)
                                                              / med["ours"], 3), **extra}, indent=2))
+
+
+def diffusers_vae(vc, sd: dict, dtype):
+    """diffusers' AutoencoderKL built empty for our VAEConfig, loaded from the official-named tensors in `sd`
+    (`first_stage_model.*`) through diffusers' own converter."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    with torch.device("meta"):
+        ae = AutoencoderKL(**diffusers_vae_kwargs(vc))
+    ae.load_state_dict({k: v.to(dtype) for k, v in convert_ldm_vae_checkpoint(sd, dict(ae.config)).items()},
+                       assign=True, strict=True)
+    return ae.eval().requires_grad_(False)
+
+
+def bench_vae(args) -> None:
+    """VAE decode of one latent, ours (plain and channels-last) vs diffusers' AutoencoderKL, same weights."""
+    from vae import load_vae
+
+    path = random_checkpoint(args.cache, args.stored)
+    ours = load_vae(path, dtype=args.dtype)
+    sd = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
+    ref = diffusers_vae(ours.config, sd, parse_dtype(args.dtype))
+    ours_cl = load_vae(path, dtype=args.dtype).to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    z = torch.randn(1, ours.config.z_channels, args.size // 8, args.size // 8, dtype=parse_dtype(args.dtype))
+    runners = {"ours": lambda: ours.decoder(z),
+               "ours_channels_last": lambda: ours_cl.decoder(z.contiguous(memory_format=torch.channels_last)),
+               "diffusers": lambda: ref.decode(z).sample}
+    with torch.inference_mode():
+        outs = {k: fn() for k, fn in runners.items()}  # warm-up and agreement check
+        err = {k: float((outs[k].float() - outs["diffusers"].float()).abs().max()) for k in ("ours", "ours_channels_last")}
+        times = {k: [] for k in runners}
+        for _ in range(args.runs):
+            for k, fn in runners.items():
+                start = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"what": "VAE decode (decoder only, no tiling)", "image": f"{args.size}x{args.size}",
+                      "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "max_abs_vs_diffusers": err, "seconds": {k: [round(s, 3) for s in v] for k, v in times.items()},
+                      "median_s": {k: round(v, 3) for k, v in med.items()},
+                      "ratio_ours_over_diffusers": round(med["ours"] / med["diffusers"], 3),
+                      "ratio_channels_last_over_ours": round(med["ours_channels_last"] / med["ours"], 3)}, indent=2))
+
+
+def top_ops(fn, n: int = 8) -> dict[str, str]:
+    """Where one call of `fn` spends its time: the n operators with the most self CPU time, as percentages."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows)
+    return {e.key: f"{100 * e.self_cpu_time_total / total:.1f}%" for e in rows[:n]}
 
 
 def attention_backend(name: str):
@@ -218,9 +280,8 @@ def _load_ours(path: str, dtype):
 def _load_diffusers(path: str, dtype):
     """What diffusers' `from_single_file` does, without the hub: read the whole file, convert the names with
     diffusers' own converters, build the models empty and load the converted (cast) tensors into them."""
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_vae_checkpoint,
-                                                     convert_sd3_transformer_checkpoint_to_diffusers)
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
     from safetensors.torch import load_file
 
     from mmditx import read_config
@@ -232,18 +293,8 @@ def _load_diffusers(path: str, dtype):
     tf_sd = convert_sd3_transformer_checkpoint_to_diffusers(
         {k: v for k, v in sd.items() if k.startswith("model.diffusion_model.")})
     tf.load_state_dict({k: v.to(dtype) for k, v in tf_sd.items()}, assign=True, strict=True)
-    vc = read_vae_config(path)
-    levels = len(vc.ch_mult)
-    with torch.device("meta"):
-        ae = AutoencoderKL(in_channels=vc.in_channels, out_channels=vc.in_channels,
-                           down_block_types=("DownEncoderBlock2D",) * levels,
-                           up_block_types=("UpDecoderBlock2D",) * levels,
-                           block_out_channels=tuple(vc.ch * m for m in vc.ch_mult), layers_per_block=vc.num_res_blocks,
-                           latent_channels=vc.z_channels, use_quant_conv=False, use_post_quant_conv=False,
-                           scaling_factor=vc.scale_factor, shift_factor=vc.shift_factor)
-    vae_sd = convert_ldm_vae_checkpoint(sd, dict(ae.config))
-    ae.load_state_dict({k: v.to(dtype) for k, v in vae_sd.items()}, assign=True, strict=True)
-    del sd, tf_sd, vae_sd
+    ae = diffusers_vae(read_vae_config(path), sd, dtype)
+    del sd, tf_sd
     return tf.eval(), ae.eval()
 
 
@@ -408,15 +459,20 @@ def main(argv=None) -> None:
     t.add_argument("--attention", default="default", choices=["default", "math", "flash", "efficient", "cudnn"],
                    help="restrict scaled_dot_product_attention to one backend (both models)")
     t.add_argument("--compile", action="store_true", help="also time torch.compile(ours); prints compile time")
+    t.add_argument("--profile", action="store_true", help="also print each model's top operators by self CPU time")
     ld = sub.add_parser("load", help="time and peak RSS of loading transformer + VAE, ours vs diffusers")
     ld.add_argument("--dtype", default="fp32")
     ld.add_argument("--runs", type=int, default=3)
+    va = sub.add_parser("vae", help="VAE decode, ours (plain and channels-last) vs diffusers")
+    va.add_argument("--size", type=int, default=512, help="image side in pixels")
+    va.add_argument("--dtype", default="fp32")
+    va.add_argument("--runs", type=int, default=3)
     pl = sub.add_parser("pipeline", help="whole text-to-image runs: seconds and peak RSS, ours vs diffusers")
     pl.add_argument("--size", type=int, default=512)
     pl.add_argument("--steps", type=int, default=4)
     pl.add_argument("--only", nargs="+", choices=list(PIPELINE_RUNS), help="run only these")
     args = p.parse_args(argv)
-    {"transformer": bench_transformer, "load": bench_load, "pipeline": bench_pipeline}[args.cmd](args)
+    {"transformer": bench_transformer, "load": bench_load, "vae": bench_vae, "pipeline": bench_pipeline}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from tests.official import official_layout
 def test_layout_generators_reproduce_official_files():
     assert clip_layout(768, 12, 49408) == official_layout("clip_l")
     assert clip_layout(1280, 32, 49408) == official_layout("clip_g")
+    assert clip_layout(1280, 32, mlp=5120) == official_layout("clip_g")
     assert t5_layout(4096, 24, 10240, 32128, heads=64) == official_layout("t5xxl")
 
 

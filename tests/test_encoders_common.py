@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import encoders
 from mmditx.checkpoint import build_on_meta, expected_shapes, save_safetensors
+from sampling.embedded import clip_layout, t5_layout  # noqa: F401 (re-exported for the encoder tests)
 from tests.official import official_layout, write_random_checkpoint
 
 CLIP_L_HF = dict(hidden_act="quick_gelu", num_attention_heads=12)
@@ -37,42 +38,6 @@ def first_layers(layout: dict, n: int) -> dict:
         m = re.search(r"\.(layers|block)\.(\d+)\.", k)
         if m is None or int(m.group(2)) < n:
             out[k] = s
-    return out
-
-
-def clip_layout(width: int, layers: int, mlp: int, vocab: int = 49408, positions: int = 77) -> dict:
-    """A CLIP text encoder of any size in the official naming."""
-    out = {"text_model.embeddings.token_embedding.weight": (vocab, width),
-           "text_model.embeddings.position_embedding.weight": (positions, width)}
-    for i in range(layers):
-        p = f"text_model.encoder.layers.{i}."
-        for n in ("layer_norm1", "layer_norm2"):
-            out[p + n + ".weight"] = out[p + n + ".bias"] = (width,)
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            out[p + f"self_attn.{n}.weight"], out[p + f"self_attn.{n}.bias"] = (width, width), (width,)
-        out[p + "mlp.fc1.weight"], out[p + "mlp.fc1.bias"] = (mlp, width), (mlp,)
-        out[p + "mlp.fc2.weight"], out[p + "mlp.fc2.bias"] = (width, mlp), (width,)
-    out["text_model.final_layer_norm.weight"] = out["text_model.final_layer_norm.bias"] = (width,)
-    out["text_projection.weight"] = (width, width)
-    return out
-
-
-def t5_layout(width: int, blocks: int, heads: int, head_dim: int, ff: int, vocab: int) -> dict:
-    """A T5 v1.1 encoder of any size in the official naming."""
-    inner = heads * head_dim
-    out = {"encoder.embed_tokens.weight": (vocab, width)}
-    for i in range(blocks):
-        p = f"encoder.block.{i}.layer."
-        for n in "qkv":
-            out[p + f"0.SelfAttention.{n}.weight"] = (inner, width)
-        out[p + "0.SelfAttention.o.weight"] = (width, inner)
-        if i == 0:
-            out[p + "0.SelfAttention.relative_attention_bias.weight"] = (32, heads)
-        out[p + "0.layer_norm.weight"] = (width,)
-        out[p + "1.DenseReluDense.wi_0.weight"] = out[p + "1.DenseReluDense.wi_1.weight"] = (ff, width)
-        out[p + "1.DenseReluDense.wo.weight"] = (width, ff)
-        out[p + "1.layer_norm.weight"] = (width,)
-    out["encoder.final_layer_norm.weight"] = (width,)
     return out
 
 
@@ -173,7 +138,7 @@ def clip_g_file() -> Path:
 def t5_small_file() -> Path:
     """T5 at the real width 4096 but with 2 heads of 16, a 64-wide feed-forward, 3 blocks and a 512-token
     vocabulary (enough for the test spiece.model): fits the 4096-wide context, and cheap."""
-    return write_random_checkpoint(t5_layout(4096, 3, 2, 16, 64, 512), _TMP / "t5xxl_fp16.safetensors",
+    return write_random_checkpoint(t5_layout(4096, 3, ff=64, vocab=512, heads=2, head_dim=16), _TMP / "t5xxl_fp16.safetensors",
                                    torch.float16, seed=3)
 
 
@@ -212,9 +177,3 @@ def spiece_dir() -> Path:
 def test_full_size_names_and_shapes_are_the_official_files(name, factory):
     model = build_on_meta(factory)
     assert expected_shapes(model) == official_layout(name)
-
-
-def test_small_layouts_follow_the_official_naming():
-    assert clip_layout(768, 12, 3072) == official_layout("clip_l")
-    assert clip_layout(1280, 32, 5120) == official_layout("clip_g")
-    assert t5_layout(4096, 24, 64, 64, 10240, 32128) == official_layout("t5xxl")

@@ -99,13 +99,13 @@ def test_missing_and_misshapen_keys(tmp_path):
 
 
 def test_t5_v1_0_and_incomplete_t5_are_refused(tmp_path):
-    layout = t5_layout(64, 1, 2, 32, 96, 300)
+    layout = t5_layout(64, 1, ff=96, vocab=300, heads=2, head_dim=32)
     layout["encoder.block.0.layer.1.DenseReluDense.wi.weight"] = layout.pop("encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
     del layout["encoder.block.0.layer.1.DenseReluDense.wi_1.weight"]
     path = write_random_checkpoint(layout, tmp_path / "t5_v10.safetensors")
     with pytest.raises(CheckpointError, match=r"t5_v10\.safetensors.*T5 v1\.0.*v1\.1"):
         encoders.load_t5(path)
-    layout = t5_layout(64, 2, 2, 32, 96, 300)
+    layout = t5_layout(64, 2, ff=96, vocab=300, heads=2, head_dim=32)
     del layout["encoder.block.1.layer.0.SelfAttention.o.weight"]
     path = write_random_checkpoint(layout, tmp_path / "t5_bad.safetensors")
     with pytest.raises(CheckpointError, match=r"t5_bad\.safetensors.*missing key.*block\.1\.layer\.0\.SelfAttention\.o"):

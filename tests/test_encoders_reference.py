@@ -68,7 +68,7 @@ def test_clip_l_pooled_is_not_projected_unlike_diffusers():
                                                   ("gelu", CLIP_G_HF, 0, True)])
 def test_clip_tiny_deep_layer_by_layer(tmp_path, act, hf, pad, projected):
     """6 layers of width 128 (2 heads of 64): every layer and the pooled output."""
-    path = write_random_checkpoint(clip_layout(128, 6, 256), tmp_path / "tiny.safetensors", seed=5)
+    path = write_random_checkpoint(clip_layout(128, 6, mlp=256), tmp_path / "tiny.safetensors", seed=5)
     what = "CLIP-L" if act == "quick_gelu" else "CLIP-G"
     base = encoders.CLIPConfig(width=128, activation=act, project_pooled=projected)
     load = lambda p: encoders.clip.load_clip(p, base, what)  # noqa: E731  (load_clip_l/g insist on 768/1280)
@@ -108,7 +108,7 @@ def test_t5_real_width_layer_by_layer():
 
 def test_t5_tiny_many_heads(tmp_path):
     """8 heads of 8, width 64, 4 blocks, the bucket table shared from block 0."""
-    path = write_random_checkpoint(t5_layout(64, 4, 8, 8, 96, 300), tmp_path / "t5.safetensors", seed=7)
+    path = write_random_checkpoint(t5_layout(64, 4, ff=96, vocab=300, heads=8, head_dim=8), tmp_path / "t5.safetensors", seed=7)
     ours = encoders.load_t5(path)
     assert not hasattr(ours.encoder.block[1].layer[0].SelfAttention, "relative_attention_bias")
     ids = torch.randint(0, 300, (3, 77), generator=torch.Generator().manual_seed(1))
@@ -162,7 +162,7 @@ def test_fp8_t5_against_fp16(tmp_path):
 
 def test_t5_accepts_shared_weight_name(tmp_path):
     """Some T5 files (transformers' own saves) name the embedding `shared.weight`."""
-    layout = t5_layout(64, 2, 2, 32, 96, 300)
+    layout = t5_layout(64, 2, ff=96, vocab=300, heads=2, head_dim=32)
     layout["shared.weight"] = layout.pop("encoder.embed_tokens.weight")
     path = write_random_checkpoint(layout, tmp_path / "t5_shared.safetensors", seed=8)
     ids = torch.randint(0, 300, (1, 80))

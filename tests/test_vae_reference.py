@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mmditx.checkpoint import build_on_meta, expected_shapes, open_safetensors
+from mmditx.compare import diffusers_vae_kwargs
 from tests.official import official_layout, write_random_checkpoint
 import vae
 from vae import VAE, VAEConfig, load_vae
@@ -48,15 +49,8 @@ def write_vae_file(path: Path, config: VAEConfig = SMALL, prefix: str = PREFIX, 
 
 def diffusers_vae(path: Path, config: VAEConfig) -> AutoencoderKL:
     """diffusers' AutoencoderKL for `config`, loaded from our file through diffusers' own LDM converter."""
-    levels = len(config.ch_mult)
-    model = AutoencoderKL(
-        in_channels=config.in_channels, out_channels=config.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(config.ch * m for m in config.ch_mult), layers_per_block=config.num_res_blocks,
-        act_fn="silu", latent_channels=config.z_channels, norm_num_groups=32, sample_size=64,
-        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
-        mid_block_add_attention=True,
-    )
+    # SD3's latent scale and shift written here from the official config, not taken from our VAEConfig
+    model = AutoencoderKL(**{**diffusers_vae_kwargs(config), "scaling_factor": 1.5305, "shift_factor": 0.0609})
     f = open_safetensors(path)
     checkpoint = {k: f.tensor(k).float() for k in f.keys()}
     converted = convert_ldm_vae_checkpoint(checkpoint, dict(model.config))
