@@ -1,4 +1,4 @@
-"""Weight streaming (mmditx.streaming): weights stay stored (fp16/bf16, memory-mapped), each unit is converted
+"""Weight streaming (mmditx.streaming): weights stay stored (fp16/bf16/fp8, memory-mapped), each unit is converted
 just before it runs. The converted values are exactly what loading in the compute dtype gives, so outputs must
 be bit-identical to the model loaded in that dtype, with skip_layers and under tracing too."""
 
@@ -18,7 +18,7 @@ def inputs(cfg, b=2, h=8, w=12):
             torch.randn(b, 7, cfg.context_dim, generator=g), torch.randn(b, cfg.pooled_dim, generator=g))
 
 
-@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
 def test_streamed_model_is_bit_identical_to_one_loaded_in_fp32(tmp_path, stored):
     path = write_random_checkpoint(mmditx_layout(**TINY), tmp_path / "m.safetensors", dtype=stored)
     full = load_mmditx(path, dtype=torch.float32)
