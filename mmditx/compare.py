@@ -73,6 +73,18 @@ def diffusers_sd3_kwargs(config) -> dict:
     )
 
 
+def watch_t5(model, rec: Recorder | None = None) -> Recorder:
+    """A T5 encoder's stages in the official naming (ours and transformers' T5EncoderModel alike): the token
+    embedding, every block's output, the final norm."""
+    rec = rec or Recorder()
+    first = lambda o: o[0] if isinstance(o, tuple) else o  # noqa: E731 (transformers' blocks return tuples)
+    rec.watch("embed_tokens", model.get_submodule("encoder.embed_tokens"))
+    for i, block in enumerate(model.get_submodule("encoder.block")):
+        rec.watch(f"block{i}", block, first)
+    rec.watch("final_layer_norm", model.get_submodule("encoder.final_layer_norm"))
+    return rec
+
+
 def diffusers_vae_kwargs(config) -> dict:
     """Constructor arguments of diffusers' AutoencoderKL for our VAEConfig (SD3: no quant convs)."""
     levels = len(config.ch_mult)

@@ -1,8 +1,13 @@
-"""Run two configurations of the transformer layer by layer on the same input and print the error per stage.
+"""Run two configurations layer by layer on the same input and print the error per stage.
 
     python scripts/compare.py dtype --checkpoint sd3.5_medium.safetensors --a fp32 --b bf16
     python scripts/compare.py diffusers --checkpoint sd3.5_medium.safetensors      # needs the reference extra
     python scripts/compare.py dtype --random tiny --b fp16                           # no weights needed
+    python scripts/compare.py t5 --checkpoint t5xxl_fp16.safetensors --b t5xxl_fp8_e4m3fn.safetensors
+    python scripts/compare.py t5 --random tiny                                       # fp16 vs fp8 on load
+
+`t5` runs T5 (fp32 compute) from the `--checkpoint` file against `--b`: another T5 file (e.g. the official fp8
+one) or "fp8", the same file quantized to fp8 when loading.
 
 `--random CONFIG` writes a random-weight checkpoint of a named config (configs/) to a temporary file first.
 Errors are measured against run `a`, the reference (fp32 by default; diffusers in `diffusers` mode).
@@ -72,15 +77,47 @@ def run_diffusers(model, path, args):
     return rec.out
 
 
+def random_t5(directory: str) -> Path:
+    """A small T5 v1.1 encoder in the official naming (width 256, 4 blocks), fp16 like t5xxl_fp16."""
+    from sampling.embedded import t5_layout, write_random
+
+    path = Path(directory) / "t5_tiny_random_fp16.safetensors"
+    write_random(t5_layout(256, 4, ff=512, vocab=1000, heads=4), path, dtype=torch.float16, seed=0)
+    return path
+
+
+def run_t5(path: Path, b: str, args) -> tuple[dict, dict, str]:
+    from encoders import load_t5
+    from mmditx.compare import watch_t5
+
+    a_model = load_t5(path)
+    if b == "fp8":
+        b_model, b_name = load_t5(path, weight_dtype="fp8"), "fp8 (quantized on load)"
+    elif Path(b).is_file():
+        b_model, b_name = load_t5(b), Path(b).name
+    else:
+        raise SystemExit(f"--b {b!r}: for t5, give another T5 file or 'fp8'")
+    vocab = a_model.encoder.embed_tokens.weight.shape[0]
+    ids = torch.randint(0, vocab, (args.batch, min(args.tokens, 77)), generator=torch.Generator().manual_seed(args.seed))
+    runs = []
+    for model in (a_model, b_model):
+        with watch_t5(model) as rec, torch.inference_mode():
+            rec.out["output"] = model(ids)
+        runs.append(rec.out)
+    return runs[0], runs[1], f"T5 {b_name} vs {path.name} (reference), fp32 compute, {ids.shape[1]} random tokens"
+
+
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Layer-by-layer comparison of two transformer configurations.")
-    p.add_argument("mode", choices=["dtype", "diffusers"],
-                   help="dtype: our model with weights in dtype a vs b; diffusers: ours (fp32) vs diffusers (fp32)")
+    p = argparse.ArgumentParser(description="Layer-by-layer comparison of two configurations.")
+    p.add_argument("mode", choices=["dtype", "diffusers", "t5"],
+                   help="dtype: our transformer with weights in dtype a vs b; diffusers: ours (fp32) vs diffusers "
+                        "(fp32); t5: T5 from --checkpoint vs --b (a file, or fp8)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="sd3.5_medium.safetensors or a bare transformer file")
     src.add_argument("--random", metavar="CONFIG", help="random weights of a named config (e.g. tiny, sd3.5_medium)")
     p.add_argument("--a", default="fp32", help="dtype of run a, the reference (dtype mode)")
-    p.add_argument("--b", default="bf16", help="dtype of run b (dtype mode)")
+    p.add_argument("--b", default=None, help="dtype of run b (dtype mode, default bf16); t5 mode: a T5 file or "
+                   "'fp8' (default)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=154)
@@ -89,6 +126,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
+        if args.mode == "t5":
+            if args.random and args.random != "tiny":
+                p.error("t5 --random: only 'tiny' (the full T5-XXL is 9.5 GB; give --checkpoint instead)")
+            a, b, title = run_t5(args.checkpoint or random_t5(tmp), args.b or "fp8", args)
+            print(format_table(error_table(b, a), title))
+            return
+        args.b = args.b or "bf16"
         path = args.checkpoint or random_checkpoint(args.random, tmp)
         if args.mode == "dtype":
             a = run_ours(load_mmditx(path, dtype=args.a), args)

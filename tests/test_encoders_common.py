@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import encoders
 from mmditx.checkpoint import build_on_meta, expected_shapes, save_safetensors
+from mmditx.compare import Recorder
 from sampling.embedded import clip_layout, t5_layout  # noqa: F401 (re-exported for the encoder tests)
 from tests.official import official_layout, write_random_checkpoint
 
@@ -81,19 +82,14 @@ def t5_oracle(path: Path, dtype=torch.float32):
 
 
 def record(model: torch.nn.Module, names: list[str], *args) -> dict[str, torch.Tensor]:
-    """Outputs of the named submodules during model(*args) (first element when a module returns a tuple)."""
-    out, handles = {}, []
+    """Outputs of the named submodules during model(*args) (first element when a module returns a tuple),
+    recorded with the same hooks as scripts/compare.py (mmditx.compare.Recorder)."""
+    rec = Recorder()
     for name in names:
-        def hook(_m, _i, o, name=name):
-            out[name] = (o[0] if isinstance(o, tuple) else o).detach().float()
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
-    return out
+        rec.watch(name, model.get_submodule(name), lambda o: (o[0] if isinstance(o, tuple) else o).float())
+    with rec, torch.no_grad():
+        model(*args)
+    return rec.out
 
 
 def clip_ids(batch: int, seed: int, pad: int, length: int = 77) -> torch.Tensor:
