@@ -4,6 +4,7 @@
     python scripts/benchmark.py transformer --attention math|flash|default [--compile] [--profile]
     python scripts/benchmark.py load [--stored fp16] [--dtype fp32]
     python scripts/benchmark.py vae [--size 512]
+    python scripts/benchmark.py gemm [--rows 308 512 2048 8192]
     python scripts/benchmark.py pipeline [--size 512] [--steps 4]
 
 `transformer` times one forward pass of the full-size SD3.5 Medium transformer, ours and diffusers'
@@ -244,6 +245,50 @@ def top_ops(fn, n: int = 8) -> dict[str, str]:
     return {e.key: f"{100 * e.self_cpu_time_total / total:.1f}%" for e in rows[:n]}
 
 
+def bench_gemm(args) -> None:
+    """The matrix-product layouts the transformer could use, alone, at SD3.5 Medium's width: q/k/v as one
+    (3D, D) product or three (D, D) ones, and the MLP as two whole products, over square slices of the hidden
+    width as the model does (fc2's slices are column blocks of the checkpoint's (D, 4D) weight), or over
+    slices copied contiguous (not possible without a second copy of fc2's weights)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    D = 1536
+    w, b = torch.randn(3 * D, D), torch.randn(3 * D)
+    w1, b1, w2, b2 = torch.randn(4 * D, D), torch.randn(4 * D), torch.randn(D, 4 * D), torch.randn(D)
+    w2_blocks = [w2[:, i:i + D].contiguous() for i in range(0, 4 * D, D)]
+
+    def mlp_sliced(x, blocks):
+        out = None
+        for j, i in enumerate(range(0, 4 * D, D)):
+            h = F.gelu(F.linear(x, w1[i:i + D], b1[i:i + D]), approximate="tanh")
+            out = torch.addmm(b2, h, blocks[j].t()) if out is None else out.addmm_(h, blocks[j].t())
+        return out
+
+    def median_s(fn):
+        fn()
+        times = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    rows = {}
+    for n in args.rows:
+        x = torch.randn(n, D)
+        r = {"qkv_one_product": median_s(lambda: F.linear(x, w, b)),
+             "qkv_three_square": median_s(lambda: [F.linear(x, w[i * D:(i + 1) * D], b[i * D:(i + 1) * D])
+                                                   for i in range(3)]),
+             "mlp_whole": median_s(lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)),
+             "mlp_sliced_as_model": median_s(lambda: mlp_sliced(x, [w2[:, i:i + D] for i in range(0, 4 * D, D)])),
+             "mlp_sliced_contiguous": median_s(lambda: mlp_sliced(x, w2_blocks))}
+        rows[n] = {k: round(v * 1e3, 1) for k, v in r.items()}
+        rows[n]["qkv_GFLOPs_per_s_three_square"] = round(2 * n * 3 * D * D / r["qkv_three_square"] / 1e9)
+    print(json.dumps({"what": "milliseconds per product group, fp32, width 1536", "threads": torch.get_num_threads(),
+                      "runs": args.runs, "rows": rows}, indent=2))
+
+
 def attention_backend(name: str):
     """The scaled_dot_product_attention kernels torch may pick, for ours and diffusers alike. On CPU torch
     offers the fused flash kernel and the math (two matmuls and a softmax) one; on CUDA also cuDNN and
@@ -467,12 +512,18 @@ def main(argv=None) -> None:
     va.add_argument("--size", type=int, default=512, help="image side in pixels")
     va.add_argument("--dtype", default="fp32")
     va.add_argument("--runs", type=int, default=3)
+    gm = sub.add_parser("gemm", help="the transformer's product layouts alone (q/k/v, MLP) at several row counts")
+    gm.add_argument("--rows", type=int, nargs="+", default=[308, 512, 2048, 8192],
+                    help="token rows (batch x tokens): 308 = 2 x 154 context, 512/2048/8192 = 2 x image tokens "
+                         "at 256/512/1024 pixels")
+    gm.add_argument("--runs", type=int, default=5)
     pl = sub.add_parser("pipeline", help="whole text-to-image runs: seconds and peak RSS, ours vs diffusers")
     pl.add_argument("--size", type=int, default=512)
     pl.add_argument("--steps", type=int, default=4)
     pl.add_argument("--only", nargs="+", choices=list(PIPELINE_RUNS), help="run only these")
     args = p.parse_args(argv)
-    {"transformer": bench_transformer, "load": bench_load, "vae": bench_vae, "pipeline": bench_pipeline}[args.cmd](args)
+    {"transformer": bench_transformer, "load": bench_load, "vae": bench_vae, "gemm": bench_gemm,
+     "pipeline": bench_pipeline}[args.cmd](args)
 
 
 if __name__ == "__main__":
