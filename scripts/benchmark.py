@@ -3,7 +3,7 @@
     python scripts/benchmark.py transformer [--size 256] [--batch 2] [--tokens 154] [--runs 3]
     python scripts/benchmark.py transformer --attention math|flash|default [--compile] [--profile]
     python scripts/benchmark.py load [--stored fp16] [--dtype fp32]
-    python scripts/benchmark.py vae [--size 512]
+    python scripts/benchmark.py vae [--size 512] [--profile]
     python scripts/benchmark.py gemm [--rows 308 512 2048 8192]
     python scripts/benchmark.py pipeline [--size 512] [--steps 4]
 
@@ -225,13 +225,15 @@ def bench_vae(args) -> None:
                 start = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - start)
+        extra = {"profile_top_ops": {k: top_ops(fn) for k, fn in runners.items()}} if args.profile else {}
     med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({"what": "VAE decode (decoder only, no tiling)", "image": f"{args.size}x{args.size}",
                       "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__,
                       "max_abs_vs_diffusers": err, "seconds": {k: [round(s, 3) for s in v] for k, v in times.items()},
                       "median_s": {k: round(v, 3) for k, v in med.items()},
                       "ratio_ours_over_diffusers": round(med["ours"] / med["diffusers"], 3),
-                      "ratio_channels_last_over_ours": round(med["ours_channels_last"] / med["ours"], 3)}, indent=2))
+                      "ratio_channels_last_over_ours": round(med["ours_channels_last"] / med["ours"], 3), **extra},
+                     indent=2))
 
 
 def top_ops(fn, n: int = 8) -> dict[str, str]:
@@ -512,6 +514,7 @@ def main(argv=None) -> None:
     va.add_argument("--size", type=int, default=512, help="image side in pixels")
     va.add_argument("--dtype", default="fp32")
     va.add_argument("--runs", type=int, default=3)
+    va.add_argument("--profile", action="store_true", help="also print each decoder's top operators")
     gm = sub.add_parser("gemm", help="the transformer's product layouts alone (q/k/v, MLP) at several row counts")
     gm.add_argument("--rows", type=int, nargs="+", default=[308, 512, 2048, 8192],
                     help="token rows (batch x tokens): 308 = 2 x 154 context, 512/2048/8192 = 2 x image tokens "
