@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -160,6 +161,16 @@ def build(root: Path) -> None:
     ae = build_on_meta(lambda: VAE(VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)))
     shapes.update({"first_stage_model." + k: v for k, v in expected_shapes(ae).items()})
     write_random(shapes, root / "sd3.5_medium.safetensors", dtype=torch.float16, seed=4)
+
+
+def model_dir_or_embedded(model_dir: str | os.PathLike | None, consequence: str) -> tuple[Path, bool]:
+    """(`model_dir`, False), or without one (the embedded random-weight set, True) after a loud warning on
+    stderr ending with `consequence` (what random weights mean for the command's output)."""
+    if model_dir is not None:
+        return Path(model_dir), False
+    root = embedded_model_dir()
+    print(f"!! no --model-dir: using the EMBEDDED RANDOM-WEIGHT model set in {root}. {consequence}", file=sys.stderr)
+    return root, True
 
 
 def embedded_model_dir() -> Path:

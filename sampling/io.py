@@ -51,6 +51,21 @@ def read_png_params(path: str | os.PathLike) -> dict:
     return json.loads(text)
 
 
+def progress_callback(quiet: bool = False):
+    """A sampling callback (`Pipeline.generate(callback=...)`) that draws one ProgressBar per run; None when
+    quiet. Each bar starts at the sampler's announcement (step -1), after loading and prompt encoding."""
+    if quiet:
+        return None
+    bars = []
+
+    def progress(i, total, denoised):
+        if i < 0:
+            bars.append(ProgressBar(total))
+        else:
+            bars[-1].update(i + 1)
+    return progress
+
+
 class ProgressBar:
     """`[#####-----] 12/40 steps  2.31 s/step  1m04s left`, redrawn in place on a terminal (stderr)."""
 

@@ -29,6 +29,7 @@ import vae as vae_lib
 from mmditx import load_mmditx, read_config, stream_weights
 from mmditx.checkpoint import parse_dtype
 
+from .defaults import load_sampling_defaults
 from .guidance import GuidedDenoiser, SkipLayerGuidance
 from .samplers import get_sampler
 from .schedule import img2img_sigmas, initial_noise, noise_latent, sigmas
@@ -62,6 +63,18 @@ class GenerationParams:
         d = asdict(self)
         d["slg_layers"] = list(self.slg_layers)
         return d
+
+    @classmethod
+    def from_preset(cls, preset: str, **fields) -> "GenerationParams":
+        """A preset's sampling settings (configs/sampling_PRESET.json) with `fields` on top; a field given as
+        None keeps the preset's value."""
+        d = load_sampling_defaults(preset)
+        slg = d["slg"]
+        values = dict(steps=d["steps"], cfg=d["cfg"], shift=d["shift"], sampler=d["sampler"], slg=slg["enabled"],
+                      slg_layers=tuple(slg["layers"]), slg_scale=slg["scale"], slg_start=slg["start"],
+                      slg_end=slg["end"])
+        values.update({k: v for k, v in fields.items() if v is not None})
+        return cls(**values)
 
     @classmethod
     def from_dict(cls, d: dict) -> "GenerationParams":
@@ -233,6 +246,5 @@ class Pipeline:
         if image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)
         latent = self.autoencoder().encode(vae_lib.image_to_tensor(image), sample=False)
-        if self.memory != "resident":
-            self._vae = None
+        self._release("_vae")
         return latent.float().cpu()

@@ -26,7 +26,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
 else:
     sys.path.insert(0, str(ROOT))
 
-from sampling.defaults import load_sampling_defaults  # noqa: E402
+from sampling.pipeline import MEMORY_MODES  # noqa: E402
 from sampling.samplers import SAMPLERS  # noqa: E402
 
 EMBEDDED_SIZE = 256     # default image side with the embedded model set (its positional table allows 512)
@@ -55,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("outputs/attention_maps"), help="output directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
-    p.add_argument("--memory", choices=["resident", "sequential", "frugal"], default="resident",
+    p.add_argument("--memory", choices=MEMORY_MODES, default="resident",
                    help="as for generate.py (frugal: weights streamed to the compute dtype block by block)")
     p.add_argument("--t5", choices=["fp16", "fp8", "off"], default="fp16")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -86,31 +86,22 @@ def parse_indices(text: str, limit: int, what: str) -> list[int]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from sampling.attention_maps import attention_maps, contact_sheet, overlay, slug, split_words
-    from sampling.io import ProgressBar, save_png
+    from sampling.embedded import model_dir_or_embedded
+    from sampling.io import progress_callback, save_png
     from sampling.pipeline import GenerationParams, Pipeline
 
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"error: --out {args.out} is a file; give a directory (it is created if missing)")
 
-    embedded = args.model_dir is None
-    model_dir = args.model_dir
-    if embedded:
-        from sampling.embedded import embedded_model_dir
-        model_dir = embedded_model_dir()
-        print(f"!! no --model-dir: using the EMBEDDED RANDOM-WEIGHT model set in {model_dir}. The maps show the "
-              f"machinery, not meaning; pass --model-dir with the official files for real ones.", file=sys.stderr)
+    model_dir, embedded = model_dir_or_embedded(
+        args.model_dir, "The maps show the machinery, not meaning; pass --model-dir with the official files for "
+                        "real ones.")
 
-    d = load_sampling_defaults(args.preset)
     size = EMBEDDED_SIZE if embedded else 1024
-    def given(value, default):
-        return default if value is None else value
-
-    params = GenerationParams(
-        prompt=args.prompt, negative_prompt=args.negative or "", width=given(args.width, size),
-        height=given(args.height, size), steps=given(args.steps, d["steps"]), cfg=given(args.cfg, d["cfg"]),
-        shift=given(args.shift, d["shift"]), sampler=given(args.sampler, d["sampler"]), seed=args.seed,
-        slg=given(args.slg, d["slg"]["enabled"]), slg_layers=tuple(d["slg"]["layers"]),
-        slg_scale=d["slg"]["scale"], slg_start=d["slg"]["start"], slg_end=d["slg"]["end"])
+    params = GenerationParams.from_preset(
+        args.preset, prompt=args.prompt, negative_prompt=args.negative or "",
+        width=size if args.width is None else args.width, height=size if args.height is None else args.height,
+        steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, slg=args.slg)
     if params.steps < 1:
         raise SystemExit(f"error: --steps must be at least 1, got {params.steps}")
 
@@ -127,18 +118,8 @@ def main(argv=None) -> int:
           f"SLG {'on' if params.slg else 'off'}, {params.width}x{params.height}, seed {params.seed}", file=sys.stderr)
     print(f"averaging blocks {args.blocks} and steps {args.steps_used}", file=sys.stderr)
 
-    bars = []
-
-    def progress(i, total, denoised):
-        if args.quiet:
-            return
-        if i < 0:
-            bars.append(ProgressBar(total))
-        else:
-            bars[-1].update(i + 1)
-
     try:
-        result = attention_maps(pipe, params, blocks=blocks, steps=steps, callback=progress)
+        result = attention_maps(pipe, params, blocks=blocks, steps=steps, callback=progress_callback(args.quiet))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -26,6 +26,7 @@ Nothing here is a pass/fail test: CI never runs it.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -50,6 +51,17 @@ from mmditx.checkpoint import parse_dtype  # noqa: E402
 from mmditx.compare import diffusers_sd3_kwargs, diffusers_vae_kwargs  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("MMDITX_BENCH_CACHE", "/tmp/mmditx_bench"))
+
+
+def time_runs(runners: dict, runs: int) -> dict[str, list[float]]:
+    """Seconds of each call, `runs` rounds, the runners alternating within a round (so drift hits all alike)."""
+    times = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, fn in runners.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def random_checkpoint(cache: Path, stored: str) -> Path:
@@ -86,7 +98,6 @@ def matmul_bound_seconds(fn, keep: set[int] = frozenset()) -> dict[str, float]:
     Returns seconds for {'linear': the linear layers, 'attention': the attention products}."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    aten = torch.ops.aten
     log = []
 
     def spec(t):  # a model weight is kept (a reference); anything else is remembered by its layout
@@ -163,12 +174,7 @@ def bench_transformer(args) -> None:
             extra["compile_s"] = round(time.perf_counter() - start, 1)
             extra["max_abs_compiled_vs_eager"] = float((c - a).abs().max())
             runners["ours_compiled"] = lambda: compiled(x, t, context=ctx, y=y)
-        times = {name: [] for name in runners}
-        for _ in range(args.runs):
-            for name, fn in runners.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
+        times = time_runs(runners, args.runs)
         weights = {t.untyped_storage().data_ptr() for t in [*ours.parameters(), *ours.buffers()]}
         bound = [matmul_bound_seconds(run_ours, weights) for _ in range(args.runs)]
         if args.profile:
@@ -210,7 +216,7 @@ def bench_vae(args) -> None:
     ours = load_vae(path, dtype=args.dtype)
     sd = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
     ref = diffusers_vae(ours.config, sd, parse_dtype(args.dtype))
-    ours_cl = load_vae(path, dtype=args.dtype).to(memory_format=torch.channels_last)
+    ours_cl = copy.deepcopy(ours).to(memory_format=torch.channels_last)
     torch.manual_seed(0)
     z = torch.randn(1, ours.config.z_channels, args.size // 8, args.size // 8, dtype=parse_dtype(args.dtype))
     runners = {"ours": lambda: ours.decoder(z),
@@ -219,12 +225,7 @@ def bench_vae(args) -> None:
     with torch.inference_mode():
         outs = {k: fn() for k, fn in runners.items()}  # warm-up and agreement check
         err = {k: float((outs[k].float() - outs["diffusers"].float()).abs().max()) for k in ("ours", "ours_channels_last")}
-        times = {k: [] for k in runners}
-        for _ in range(args.runs):
-            for k, fn in runners.items():
-                start = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - start)
+        times = time_runs(runners, args.runs)
         extra = {"profile_top_ops": {k: top_ops(fn) for k, fn in runners.items()}} if args.profile else {}
     med = {k: statistics.median(v) for k, v in times.items()}
     print(json.dumps({"what": "VAE decode (decoder only, no tiling)", "image": f"{args.size}x{args.size}",
@@ -268,13 +269,8 @@ def bench_gemm(args) -> None:
         return out
 
     def median_s(fn):
-        fn()
-        times = []
-        for _ in range(args.runs):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        fn()  # warm-up
+        return statistics.median(time_runs({"fn": fn}, args.runs)["fn"])
 
     rows = {}
     for n in args.rows:

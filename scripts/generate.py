@@ -24,7 +24,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
 else:
     sys.path.insert(0, str(ROOT))
 
-from sampling.defaults import load_sampling_defaults  # noqa: E402
+from sampling.pipeline import MEMORY_MODES  # noqa: E402
 from sampling.samplers import SAMPLERS  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output directory, or a .png path")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
-    p.add_argument("--memory", choices=["resident", "sequential", "frugal"], default="resident",
+    p.add_argument("--memory", choices=MEMORY_MODES, default="resident",
                    help="resident: all models stay loaded; sequential: one model at a time; frugal: sequential "
                         "with weights kept as stored (fp16) and converted block by block (same images, ~half "
                         "the memory)")
@@ -70,10 +70,7 @@ def build_params(args, prompt: str):
     if args.reproduce:
         base = GenerationParams.from_dict(read_png_params(args.reproduce))
     else:
-        d = load_sampling_defaults(args.preset)
-        base = GenerationParams(prompt=prompt, steps=d["steps"], cfg=d["cfg"], shift=d["shift"], sampler=d["sampler"],
-                                slg=d["slg"]["enabled"], slg_layers=tuple(d["slg"]["layers"]), slg_scale=d["slg"]["scale"],
-                                slg_start=d["slg"]["start"], slg_end=d["slg"]["end"])
+        base = GenerationParams.from_preset(args.preset, prompt=prompt)
     overrides = {"negative_prompt": args.negative_prompt, "width": args.width, "height": args.height,
                  "steps": args.steps, "cfg": args.cfg, "shift": args.shift, "sampler": args.sampler, "seed": args.seed,
                  "slg": args.slg, "denoise": args.denoise,
@@ -88,7 +85,8 @@ def build_params(args, prompt: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from sampling.io import ProgressBar, save_png
+    from sampling.embedded import model_dir_or_embedded
+    from sampling.io import progress_callback, save_png
     from sampling.pipeline import Pipeline
 
     if args.prompt_file:
@@ -100,18 +98,14 @@ def main(argv=None) -> int:
     else:
         prompts = [args.prompt if args.prompt is not None else "a photo of a cat"]
 
-    model_dir = args.model_dir
-    if model_dir is None:
-        from sampling.embedded import embedded_model_dir
-        model_dir = embedded_model_dir()
-        print(f"!! no --model-dir: using the EMBEDDED RANDOM-WEIGHT model set in {model_dir}. Its images are "
-              f"noise; pass --model-dir with the official files for real images.", file=sys.stderr)
+    model_dir, embedded = model_dir_or_embedded(
+        args.model_dir, "Its images are noise; pass --model-dir with the official files for real images.")
 
     try:
         pipe = Pipeline.from_model_dir(model_dir, t5=args.t5, device=args.device, dtype=args.dtype, memory=args.memory)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"model {pipe.files.model.name} ({'embedded random weights' if args.model_dir is None else model_dir}); "
+    print(f"model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}); "
           f"device {pipe.device}, {str(pipe.dtype).replace('torch.', '')}, memory {args.memory}, T5 {args.t5}",
           file=sys.stderr)
 
@@ -122,22 +116,14 @@ def main(argv=None) -> int:
         print(f"sampler {params.sampler}, {params.steps} steps, cfg {params.cfg}, shift {params.shift}, "
               f"SLG {'on (layers ' + ','.join(map(str, params.slg_layers)) + ')' if params.slg else 'off'}, "
               f"{params.width}x{params.height}, seed {params.seed} (preset {args.preset})", file=sys.stderr)
-        bars = []
-
-        def progress(i, total, denoised):
-            if i < 0:  # sampling begins: start the clock now, after loading and prompt encoding
-                bars.append(ProgressBar(total))
-            else:
-                bars[-1].update(i + 1)
-
         start = time.perf_counter()
         try:
-            images = pipe.generate(params, num_images=args.num_images, callback=None if args.quiet else progress)
+            images = pipe.generate(params, num_images=args.num_images, callback=progress_callback(args.quiet))
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
         for k, image in enumerate(images):
             meta = {**params.to_dict(), "seed": params.seed + k, "model": pipe.files.model.name,
-                    "embedded_random_weights": args.model_dir is None, "t5": args.t5}
+                    "embedded_random_weights": embedded, "t5": args.t5}
             name = args.out if args.out.suffix.lower() == ".png" else out_dir / f"{params.seed + k:06d}.png"
             written.append(save_png(image, name, meta))
             print(f"wrote {written[-1]}", file=sys.stderr)
