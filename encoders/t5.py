@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmditx.checkpoint import (CheckpointError, SafetensorsFile, build_on_meta, check_keys, expected_shapes,
+from mmditx.checkpoint import (CheckpointError, SafetensorsFile, build_on_meta, check_keys, convert, expected_shapes,
                                open_safetensors, parse_dtype)
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
@@ -56,7 +56,8 @@ class CastLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        w = self.weight
+        return F.linear(x, w if w.dtype == x.dtype else convert(w, x.dtype, w.device))
 
 
 class CastEmbedding(nn.Embedding):
@@ -260,7 +261,7 @@ def load_t5(path: str | os.PathLike, device: torch.device | str = "cpu",
         else:
             want = dtype
         if want != t.dtype or device.type != "cpu":
-            t = t.to(device=device, dtype=want, copy=True)
+            t = convert(t, want, device)
             f.release(key)  # the converted copy replaces the file pages: keep only one resident
         state[name] = t
     model.load_state_dict(state, assign=True, strict=True)

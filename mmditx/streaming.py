@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .checkpoint import parse_dtype
+from .checkpoint import convert, parse_dtype
 
 
 def mmditx_units(model: nn.Module) -> list[nn.Module]:
@@ -40,7 +40,8 @@ class _Swap:
         for p in module.parameters():
             if p not in self.stored:
                 self.stored[p] = p.data
-                p.data = p.data.to(self.device, self.dtype if p.is_floating_point() else p.dtype, non_blocking=True)
+                dtype = self.dtype if p.is_floating_point() else p.dtype
+                p.data = convert(p.data, dtype, self.device, non_blocking=True)
 
     def after(self, module: nn.Module, args, output) -> None:
         for p in module.parameters():

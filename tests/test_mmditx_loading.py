@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmditx import CheckpointError, MMDiTX, MMDiTXConfig, load_config, load_mmditx, read_config
-from mmditx.checkpoint import build_on_meta, expected_shapes, save_safetensors
+from mmditx.checkpoint import build_on_meta, convert, expected_shapes, save_safetensors
 from tests.official import mmditx_layout, official_layout, random_tensor, write_random_checkpoint
 
 PREFIX = "model.diffusion_model."
@@ -93,6 +93,31 @@ def test_stored_dtypes_convert(tmp_path, stored, wanted):
     key = "pos_embed"
     ref = random_tensor(PREFIX + key, (1, 64, 128), g).to(stored).to(expect)
     assert torch.equal(model.pos_embed, ref)
+
+
+@pytest.mark.parametrize("stored", [torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_convert_gives_the_values_of_to_in_its_own_storage(stored):
+    g = torch.Generator().manual_seed(1)
+    for shape in [(3, 5), (1024, 1024)]:  # 4 MiB in fp32: the second takes empty_cpu's huge-page path
+        t = torch.randn(shape, generator=g).to(stored)
+        a, b = convert(t, torch.float32), convert(t, torch.float32)
+        assert a.shape == t.shape and a.dtype == torch.float32
+        assert torch.equal(a, t.to(torch.float32))
+        assert a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+        a.add_(1.0)  # writable, and shares nothing with b or t
+        assert torch.equal(b, t.to(torch.float32)) and t.dtype == stored
+
+
+def test_converted_weights_do_not_share_storage(tmp_path):
+    # context_dim 4096 makes context_embedder.weight 2 MiB in fp32: the huge-page path, beside small tensors
+    path = write_random_checkpoint(mmditx_layout(**{**TINY, "context_dim": 4096}), tmp_path / "m.safetensors",
+                                   dtype=torch.float16)
+    model, stored = load_mmditx(path, dtype=torch.float32), load_mmditx(path, dtype=None)
+    assert model.context_embedder.weight.nbytes >= 2 << 20
+    ptrs = [t.untyped_storage().data_ptr() for t in model.state_dict().values()]
+    assert len(set(ptrs)) == len(ptrs)  # each tensor can be saved, freed or moved on its own
+    for k, v in stored.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v.to(torch.float32)), k
 
 
 def test_runs_in_stored_half_precision(tmp_path):
