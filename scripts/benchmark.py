@@ -49,19 +49,31 @@ import torch  # noqa: E402
 from mmditx import load_mmditx  # noqa: E402
 from mmditx.checkpoint import parse_dtype  # noqa: E402
 from mmditx.compare import diffusers_sd3_kwargs, diffusers_vae_kwargs  # noqa: E402
+from mmditx.runtime import keep_freed_memory  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("MMDITX_BENCH_CACHE", "/tmp/mmditx_bench"))
 
 
-def time_runs(runners: dict, runs: int) -> dict[str, list[float]]:
-    """Seconds of each call, `runs` rounds, the runners alternating within a round (so drift hits all alike)."""
+def time_runs(runners: dict, runs: int, faults: dict | None = None) -> dict[str, list[float]]:
+    """Seconds of each call, `runs` rounds, the runners alternating within a round (so drift hits all alike).
+    `faults`, if given, receives each runner's median count of page faults per call (minor + major)."""
     times = {name: [] for name in runners}
+    counts = {name: [] for name in runners}
     for _ in range(runs):
         for name, fn in runners.items():
+            before = page_faults()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+            counts[name].append(page_faults() - before)
+    if faults is not None:
+        faults.update({name: int(statistics.median(c)) for name, c in counts.items()})
     return times
+
+
+def page_faults() -> int:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt + r.ru_majflt
 
 
 def random_checkpoint(cache: Path, stored: str) -> Path:
@@ -174,7 +186,8 @@ def bench_transformer(args) -> None:
             extra["compile_s"] = round(time.perf_counter() - start, 1)
             extra["max_abs_compiled_vs_eager"] = float((c - a).abs().max())
             runners["ours_compiled"] = lambda: compiled(x, t, context=ctx, y=y)
-        times = time_runs(runners, args.runs)
+        faults = {}
+        times = time_runs(runners, args.runs, faults)
         weights = {t.untyped_storage().data_ptr() for t in [*ours.parameters(), *ours.buffers()]}
         bound = [matmul_bound_seconds(run_ours, weights) for _ in range(args.runs)]
         if args.profile:
@@ -185,6 +198,7 @@ def bench_transformer(args) -> None:
         extra["ratio_compiled_over_diffusers"] = round(med["ours_compiled"] / med["diffusers"], 3)
     print(json.dumps({"what": "transformer forward", "image": f"{args.size}x{args.size}", "batch": B,
                       "context_tokens": args.tokens, "dtype": args.dtype, "attention": args.attention,
+                      "malloc": args.malloc, "page_faults_per_forward": faults,
                       "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "runs": args.runs,
                       "seconds": {k: [round(s, 3) for s in v] for k, v in times.items()},
@@ -431,9 +445,12 @@ def _diffusers_pipeline(root: Path):
         text_encoder_3=None, tokenizer_3=None)
 
 
-def _pipeline_child(who: str, memory: str, t5: str, root: str, size: int, steps: int) -> None:
+def _pipeline_child(who: str, memory: str, t5: str, malloc: str, root: str, size: int, steps: int) -> None:
     """In a fresh process: one whole text-to-image job from the files, timed from the first load to the image."""
     from sampling.pipeline import GenerationParams, Pipeline
+
+    if malloc == "keep":
+        keep_freed_memory()
 
     prompt, negative = "a photo of a red fox in the snow, golden hour", "blurry"
     start = time.perf_counter()
@@ -451,12 +468,16 @@ def _pipeline_child(who: str, memory: str, t5: str, root: str, size: int, steps:
     print(json.dumps({"seconds": seconds, "peak_kb": peak_rss_kb(), "image": list(image.size)}))
 
 
-PIPELINE_RUNS = {  # name: (who, memory mode, T5)
-    "ours resident, no T5": ("ours", "resident", "off"),
-    "diffusers, no T5": ("diffusers", "resident", "off"),
-    "ours frugal, no T5": ("ours", "frugal", "off"),
-    "ours sequential, T5 fp8": ("ours", "sequential", "fp8"),
-    "ours frugal, T5 fp8": ("ours", "frugal", "fp8"),
+# name: (who, memory mode, T5, malloc). Ours runs as scripts/generate.py does: with keep_freed_memory() (malloc
+# "keep"); diffusers runs both as it comes and with the same setting, so the gain of the setting is seen apart.
+PIPELINE_RUNS = {
+    "ours resident, no T5": ("ours", "resident", "off", "keep"),
+    "diffusers, no T5": ("diffusers", "resident", "off", "default"),
+    "diffusers, no T5, malloc keep": ("diffusers", "resident", "off", "keep"),
+    "ours resident, no T5, malloc default": ("ours", "resident", "off", "default"),
+    "ours frugal, no T5": ("ours", "frugal", "off", "keep"),
+    "ours sequential, T5 fp8": ("ours", "sequential", "fp8", "keep"),
+    "ours frugal, T5 fp8": ("ours", "frugal", "fp8", "keep"),
 }
 
 
@@ -464,9 +485,9 @@ def bench_pipeline(args) -> None:
     root = full_model_dir(args.cache)
     gib, res = 1024 ** 3, {}
     for name in args.only or PIPELINE_RUNS:
-        who, memory, t5 = PIPELINE_RUNS[name]
+        who, memory, t5, malloc = PIPELINE_RUNS[name]
         print(f"running {name} ...", flush=True)
-        out = subprocess.run([sys.executable, __file__, "_pipeline_child", who, memory, t5, str(root),
+        out = subprocess.run([sys.executable, __file__, "_pipeline_child", who, memory, t5, malloc, str(root),
                               str(args.size), str(args.steps)], capture_output=True, text=True)
         if out.returncode != 0:
             res[name] = {"failed": out.stderr.strip().splitlines()[-1:]}
@@ -475,23 +496,28 @@ def bench_pipeline(args) -> None:
         res[name] = {"seconds": round(r["seconds"], 1), "peak_rss_GiB": round(r["peak_kb"] * 1024 / gib, 2)}
         print(json.dumps({name: res[name]}), flush=True)
     ratios = {}
-    a, b = res.get("ours resident, no T5", {}), res.get("diffusers, no T5", {})
-    if "seconds" in a and "seconds" in b:
-        ratios = {"time_ratio_ours_resident_over_diffusers": round(a["seconds"] / b["seconds"], 3),
-                  "peak_rss_ratio_ours_resident_over_diffusers": round(a["peak_rss_GiB"] / b["peak_rss_GiB"], 3)}
+    for ours, theirs, tag in [("ours resident, no T5", "diffusers, no T5", "as each comes"),
+                              ("ours resident, no T5", "diffusers, no T5, malloc keep", "both malloc keep"),
+                              ("ours resident, no T5, malloc default", "diffusers, no T5", "both malloc default")]:
+        a, b = res.get(ours, {}), res.get(theirs, {})
+        if "seconds" in a and "seconds" in b:
+            ratios[f"ours resident / diffusers, {tag}"] = {
+                "time": round(a["seconds"] / b["seconds"], 3), "peak_rss": round(a["peak_rss_GiB"] / b["peak_rss_GiB"], 3)}
     print(json.dumps({"what": f"text-to-image {args.size}x{args.size}, {args.steps} euler steps, CFG 4.5, from "
                               "the files to the image (fresh process each)", "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "runs": res, **ratios}, indent=2))
+                      "torch": torch.__version__, "runs": res, "ratios": ratios}, indent=2))
 
 
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_load_child":
         return _load_child(sys.argv[2], sys.argv[3], sys.argv[4])
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_pipeline_child":
-        return _pipeline_child(*sys.argv[2:6], int(sys.argv[6]), int(sys.argv[7]))
+        return _pipeline_child(*sys.argv[2:7], int(sys.argv[7]), int(sys.argv[8]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the random checkpoint is written")
     p.add_argument("--stored", default="fp16", choices=["fp16", "bf16", "fp32"], help="dtype stored in the file")
+    p.add_argument("--malloc", default="default", choices=["default", "keep"],
+                   help="keep: mmditx.runtime.keep_freed_memory() in this process first (both sides profit)")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("transformer", help="one forward pass, ours vs diffusers")
     t.add_argument("--size", type=int, default=256, help="image side in pixels")
@@ -521,6 +547,8 @@ def main(argv=None) -> None:
     pl.add_argument("--steps", type=int, default=4)
     pl.add_argument("--only", nargs="+", choices=list(PIPELINE_RUNS), help="run only these")
     args = p.parse_args(argv)
+    if args.malloc == "keep" and not keep_freed_memory():
+        print("warning: --malloc keep has no effect here (not glibc)", file=sys.stderr)
     {"transformer": bench_transformer, "load": bench_load, "vae": bench_vae, "gemm": bench_gemm,
      "pipeline": bench_pipeline}[args.cmd](args)
 

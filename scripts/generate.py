@@ -85,6 +85,7 @@ def build_params(args, prompt: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from mmditx.runtime import keep_freed_memory
     from sampling.embedded import model_dir_or_embedded
     from sampling.io import progress_callback, save_png
     from sampling.pipeline import Pipeline
@@ -101,6 +102,7 @@ def main(argv=None) -> int:
     model_dir, embedded = model_dir_or_embedded(
         args.model_dir, "Its images are noise; pass --model-dir with the official files for real images.")
 
+    keep_freed_memory()  # this process is ours: reuse freed activations instead of faulting them in anew
     try:
         pipe = Pipeline.from_model_dir(model_dir, t5=args.t5, device=args.device, dtype=args.dtype, memory=args.memory)
     except (FileNotFoundError, ValueError) as e:
