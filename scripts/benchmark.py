@@ -4,7 +4,7 @@
     python scripts/benchmark.py transformer --attention math|flash|default [--compile] [--profile]
     python scripts/benchmark.py load [--stored fp16] [--dtype fp32]
     python scripts/benchmark.py vae [--size 512] [--profile]
-    python scripts/benchmark.py gemm [--rows 308 512 2048 8192]
+    python scripts/benchmark.py gemm [--rows 308 512 2048 8192] [--kernels]
     python scripts/benchmark.py pipeline [--size 512] [--steps 4]
 
 `transformer` times one forward pass of the full-size SD3.5 Medium transformer, ours and diffusers'
@@ -295,10 +295,37 @@ def bench_gemm(args) -> None:
              "mlp_whole": median_s(lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)),
              "mlp_sliced_as_model": median_s(lambda: mlp_sliced(x, [w2[:, i:i + D] for i in range(0, 4 * D, D)])),
              "mlp_sliced_contiguous": median_s(lambda: mlp_sliced(x, w2_blocks))}
+        if args.kernels:
+            r.update(other_linear_kernels(x, w1, b1, median_s))
         rows[n] = {k: round(v * 1e3, 1) for k, v in r.items()}
         rows[n]["qkv_GFLOPs_per_s_three_square"] = round(2 * n * 3 * D * D / r["qkv_three_square"] / 1e9)
     print(json.dumps({"what": "milliseconds per product group, fp32, width 1536", "threads": torch.get_num_threads(),
                       "runs": args.runs, "rows": rows}, indent=2))
+
+
+def other_linear_kernels(x, w1, b1, median_s) -> dict[str, float]:
+    """fc1 (D -> 4D) through the CPU kernels torch offers besides F.linear's MKL sgemm: MKL with the weight packed
+    once ahead (what inductor's freezing uses) and oneDNN's linear, alone and with tanh-GELU fused as a
+    post-op. Each is checked against F.linear before it is timed."""
+    import torch.nn.functional as F
+
+    n, out = x.shape[0], {}
+    ref = F.linear(x, w1, b1)
+    candidates = {"fc1_mkl_sgemm": lambda: F.linear(x, w1, b1),
+                  "fc1_gelu_mkl_sgemm": lambda: F.gelu(F.linear(x, w1, b1), approximate="tanh")}
+    if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(w1, n)
+        candidates["fc1_mkl_prepacked"] = lambda: torch.ops.mkl._mkl_linear(x, packed, w1, b1, n)
+    if torch.backends.mkldnn.is_available():
+        candidates["fc1_onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w1, b1, "none", [], "")
+        candidates["fc1_gelu_onednn_fused"] = lambda: torch.ops.mkldnn._linear_pointwise(x, w1, b1, "gelu", [], "tanh")
+    for name, fn in candidates.items():
+        want = F.gelu(ref, approximate="tanh") if "gelu" in name else ref
+        err = float((fn() - want).abs().max())
+        if err > 1e-4 * float(want.abs().max()):
+            raise RuntimeError(f"{name} disagrees with F.linear by {err:.2e}")
+        out[name] = median_s(fn)
+    return out
 
 
 def attention_backend(name: str):
@@ -544,6 +571,8 @@ def main(argv=None) -> None:
                     help="token rows (batch x tokens): 308 = 2 x 154 context, 512/2048/8192 = 2 x image tokens "
                          "at 256/512/1024 pixels")
     gm.add_argument("--runs", type=int, default=5)
+    gm.add_argument("--kernels", action="store_true",
+                    help="also time fc1 through MKL with a prepacked weight and through oneDNN (GELU fused or not)")
     pl = sub.add_parser("pipeline", help="whole text-to-image runs: seconds and peak RSS, ours vs diffusers")
     pl.add_argument("--size", type=int, default=512)
     pl.add_argument("--steps", type=int, default=4)
