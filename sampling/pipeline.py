@@ -140,10 +140,15 @@ def check_size(width: int, height: int, max_pixels_side: int) -> None:
 
 class Pipeline:
     def __init__(self, files: ModelFiles, device: str | torch.device = "cpu", dtype=None,
-                 memory: str = "resident"):
+                 memory: str = "resident", compile: bool = False):
+        """compile: run the transformer through `torch.compile` (the first step of each image size compiles:
+        about 2 minutes on a 2-core CPU for ~5% per step there; see docs/performance.md)."""
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, not {memory!r}")
-        self.files, self.device, self.memory = files, torch.device(device), memory
+        if compile and memory == "frugal":
+            raise ValueError("compile cannot be combined with the frugal memory mode (its weights are swapped "
+                             "inside the forward pass): use memory='resident' or 'sequential'")
+        self.files, self.device, self.memory, self.compile = files, torch.device(device), memory, compile
         # fp32 on CPU (no fast half precision there), bf16 on GPU unless asked otherwise
         self.dtype = parse_dtype(dtype) or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.config = read_config(files.model)  # header only: sizes can be checked before loading anything
@@ -170,7 +175,8 @@ class Pipeline:
                 model = load_mmditx(self.files.model, device="cpu", dtype=None)   # as stored, zero copy
                 self._transformer = stream_weights(model, self.device, self.dtype)
             else:
-                self._transformer = load_mmditx(self.files.model, device=self.device, dtype=self.dtype)
+                model = load_mmditx(self.files.model, device=self.device, dtype=self.dtype)
+                self._transformer = torch.compile(model) if self.compile else model
         return self._transformer
 
     def autoencoder(self):

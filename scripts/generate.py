@@ -59,6 +59,9 @@ def parse_args(argv=None):
                         "with weights kept as stored (fp16) and converted block by block (same images, ~half "
                         "the memory)")
     p.add_argument("--t5", choices=["fp16", "fp8", "off"], default="fp16")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer: the first step of each size compiles (minutes on CPU), "
+                        "later steps run faster; pays for many images or steps (not with --memory frugal)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -105,7 +108,8 @@ def main(argv=None) -> int:
     if args.memory != "frugal":  # this process is ours: reuse freed activations (costs ~0.7 GiB of peak RSS)
         keep_freed_memory()
     try:
-        pipe = Pipeline.from_model_dir(model_dir, t5=args.t5, device=args.device, dtype=args.dtype, memory=args.memory)
+        pipe = Pipeline.from_model_dir(model_dir, t5=args.t5, device=args.device, dtype=args.dtype, memory=args.memory,
+                                       compile=args.compile)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}); "

@@ -158,3 +158,21 @@ def test_seeds_batch_equals_single_runs():
     for k, seed in enumerate([7, 8, 9]):
         single = torch.randn((1, 16, 8, 6), generator=torch.Generator("cpu").manual_seed(seed))
         assert torch.equal(batch[k:k + 1], single)
+
+
+def test_compiled_transformer_gives_the_same_latents(tmp_path):
+    """Pipeline(compile=True) runs the transformer through torch.compile: same sampling, float-rounding apart."""
+    from sampling.embedded import build
+    from sampling.pipeline import GenerationParams, ModelFiles, Pipeline
+
+    build(tmp_path)
+    files = ModelFiles.from_dir(tmp_path, t5="off")
+    params = GenerationParams(prompt="a red cube", width=64, height=64, steps=2, seed=3, sampler="euler", slg=False)
+    eager = Pipeline(files).generate(params, return_latents=True)[1]
+    compiled_pipe = Pipeline(files, compile=True)
+    assert isinstance(compiled_pipe.transformer(), torch._dynamo.eval_frame.OptimizedModule)
+    compiled = compiled_pipe.generate(params, return_latents=True)[1]
+    assert torch.allclose(compiled, eager, rtol=0, atol=1e-4 * eager.abs().max().item())
+    assert not torch.equal(compiled, torch.zeros_like(compiled))
+    with pytest.raises(ValueError, match="frugal"):
+        Pipeline(files, memory="frugal", compile=True)
