@@ -147,7 +147,7 @@ class Pipeline:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, not {memory!r}")
         if compile and memory == "frugal":
             raise ValueError("compile cannot be combined with the frugal memory mode (its weights are swapped "
-                             "inside the forward pass): use memory='resident' or 'sequential'")
+                             "inside the forward pass): use the resident or sequential memory mode")
         self.files, self.device, self.memory, self.compile = files, torch.device(device), memory, compile
         # fp32 on CPU (no fast half precision there), bf16 on GPU unless asked otherwise
         self.dtype = parse_dtype(dtype) or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
