@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmditx.checkpoint import (CheckpointError, SafetensorsFile, build_on_meta, check_keys, convert, expected_shapes,
-                               open_safetensors, parse_dtype)
+from mmditx.checkpoint import (CheckpointError, SafetensorsFile, assign_from_file, build_on_meta, check_keys, convert,
+                               expected_shapes, open_safetensors, parse_dtype)
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -247,25 +247,19 @@ def load_t5(path: str | os.PathLike, device: torch.device | str = "cpu",
     config = read_t5_config(f, prefix, embedding_key)
     model = build_on_meta(lambda: T5Encoder(config))
     expected = expected_shapes(model)
+    embedding_name = embedding_key[len(prefix):]
     # check_keys against the file's spelling of the embedding, the other spelling of a tied copy is ignored.
-    file_names = {(embedding_key[len(prefix):] if k == EMBEDDING else k): v for k, v in expected.items()}
+    file_names = {(embedding_name if k == EMBEDDING else k): v for k, v in expected.items()}
     check_keys(f, prefix, file_names, "T5 v1.1 encoder",
                ignore_unexpected=lambda k: k in (SHARED, EMBEDDING))
 
-    state = {}
-    for name in expected:
-        key = embedding_key if name == EMBEDDING else prefix + name
-        t = f.tensor(key)
+    def dtype_of(name: str, stored: torch.dtype) -> torch.dtype:
         if _is_matrix(name):
-            want = weight_dtype or (t.dtype if t.element_size() < dtype.itemsize else dtype)
-        else:
-            want = dtype
-        if want != t.dtype or device.type != "cpu":
-            t = convert(t, want, device)
-            f.release(key)  # the converted copy replaces the file pages: keep only one resident
-        state[name] = t
-    model.load_state_dict(state, assign=True, strict=True)
-    return model.requires_grad_(False).eval()
+            return weight_dtype or (stored if stored.itemsize < dtype.itemsize else dtype)
+        return dtype
+
+    return assign_from_file(model, f, prefix, device=device, dtype_of=dtype_of,
+                            rename=lambda k: embedding_name if k == EMBEDDING else k)
 
 
 def _find_t5(f: SafetensorsFile) -> tuple[str, str]:

@@ -250,13 +250,15 @@ def assign_from_file(
     prefix: str,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
-    keep_dtype: Callable[[str], bool] = lambda k: False,
+    dtype_of: Callable[[str, torch.dtype], torch.dtype] | None = None,
     rename: Callable[[str], str] = lambda k: k,
 ) -> nn.Module:
     """Assign every parameter/buffer of `module` (usually built on the meta device) from `f`.
 
-    The file key of a module name `k` is `prefix + rename(k)`. `dtype=None` keeps the stored dtype;
-    `keep_dtype(k)` keeps it for chosen tensors (e.g. fp8 weights upcast per layer at compute time).
+    The file key of a module name `k` is `prefix + rename(k)`. Floating-point tensors become `dtype`
+    (`None` keeps the stored dtype), or `dtype_of(k, stored_dtype)` when given (per-tensor choices, e.g. T5's
+    matrices kept in fp8 while its norms are upcast); other tensors keep their dtype. A converted tensor's file
+    pages are dropped, so only one copy is ever resident.
     Call `check_keys` first for user-facing errors; this assumes the keys are right.
     """
     device = torch.device(device)
@@ -264,7 +266,12 @@ def assign_from_file(
     for name in module.state_dict():
         key = prefix + rename(name)
         t = f.tensor(key)
-        want = t.dtype if (dtype is None or keep_dtype(name) or not t.dtype.is_floating_point) else dtype
+        if not t.dtype.is_floating_point:
+            want = t.dtype
+        elif dtype_of is not None:
+            want = dtype_of(name, t.dtype)
+        else:
+            want = t.dtype if dtype is None else dtype
         if want != t.dtype or device.type != "cpu":
             t = convert(t, want, device)
             f.release(key)
