@@ -173,7 +173,7 @@ def empty_cpu(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.
 
     Why: the first write to freshly allocated memory faults in one 4 KiB page at a time. Converting the
     transformer + VAE to fp32 (10 GB) took 2.6 million page faults, most of the load time on this machine;
-    with 2 MiB pages it takes ~0.2 million and the conversion runs 1.3-3x faster (`benchmark.py load`).
+    with 2 MiB pages it takes ~0.2 million and the load 3.69 s instead of 5.85 s (`benchmark.py load`).
     Each tensor has its own mapping (own storage), returned to the OS when the tensor is freed.
     """
     shape = torch.Size(shape)

@@ -1,6 +1,6 @@
 """Process-wide settings for fast CPU inference. Opt-in: importing mmditx changes nothing in the host process;
-the command-line scripts call `keep_freed_memory()` at start (except in the frugal memory mode, which puts
-memory first); library users may call it themselves.
+the command-line scripts call `tune_for_memory_mode()` at start; library users may call `keep_freed_memory()`
+themselves.
 
 Why it pays: glibc's malloc hands every large block (a tensor of more than a few hundred KiB) to the OS with
 mmap and gives it back with munmap when freed. The next forward pass allocates the same activations again,
@@ -44,3 +44,9 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     limit = min(limit_bytes, 2**31 - 1)  # mallopt takes a C int
     return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+
+
+def tune_for_memory_mode(memory: str) -> bool:
+    """What the command-line scripts do to a process that is theirs: `keep_freed_memory()`, except in the frugal
+    memory mode, which puts memory first (the setting costs it 0.7 GiB of peak RSS). True if it took effect."""
+    return memory != "frugal" and keep_freed_memory()

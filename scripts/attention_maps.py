@@ -85,7 +85,7 @@ def parse_indices(text: str, limit: int, what: str) -> list[int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmditx.runtime import keep_freed_memory
+    from mmditx.runtime import tune_for_memory_mode
     from sampling.attention_maps import attention_maps, contact_sheet, overlay, slug, split_words
     from sampling.embedded import model_dir_or_embedded
     from sampling.io import progress_callback, save_png
@@ -108,8 +108,7 @@ def main(argv=None) -> int:
 
     if not split_words(args.prompt):
         raise SystemExit(f"error: the prompt {args.prompt!r} has no words to map (only spaces and punctuation)")
-    if args.memory != "frugal":  # this process is ours: reuse freed activations (costs ~0.7 GiB of peak RSS)
-        keep_freed_memory()
+    tune_for_memory_mode(args.memory)  # this process is ours: reuse freed activations unless frugal
     try:
         pipe = Pipeline.from_model_dir(model_dir, t5=args.t5, device=args.device, dtype=args.dtype, memory=args.memory)
         blocks = parse_indices(args.blocks, pipe.config.depth, "--blocks")

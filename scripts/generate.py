@@ -88,7 +88,7 @@ def build_params(args, prompt: str):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mmditx.runtime import keep_freed_memory
+    from mmditx.runtime import tune_for_memory_mode
     from sampling.embedded import model_dir_or_embedded
     from sampling.io import progress_callback, save_png
     from sampling.pipeline import Pipeline
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
     model_dir, embedded = model_dir_or_embedded(
         args.model_dir, "Its images are noise; pass --model-dir with the official files for real images.")
 
-    if args.memory != "frugal":  # this process is ours: reuse freed activations (costs ~0.7 GiB of peak RSS)
-        keep_freed_memory()
+    tune_for_memory_mode(args.memory)  # this process is ours: reuse freed activations unless frugal
     try:
         pipe = Pipeline.from_model_dir(model_dir, t5=args.t5, device=args.device, dtype=args.dtype, memory=args.memory,
                                        compile=args.compile)

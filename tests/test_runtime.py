@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mmditx.runtime import keep_freed_memory
+from mmditx.runtime import keep_freed_memory, tune_for_memory_mode
 
 CHILD = r"""
 import resource, sys, torch
@@ -43,3 +43,7 @@ def test_freed_memory_is_reused_without_page_faults():
 def test_limit_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         keep_freed_memory(0)
+
+
+def test_frugal_mode_leaves_malloc_alone():
+    assert tune_for_memory_mode("frugal") is False
