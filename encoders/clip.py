@@ -187,7 +187,7 @@ def read_clip_config(f: SafetensorsFile, prefix: str, base: CLIPConfig) -> CLIPC
 
 
 def load_clip(path: str | os.PathLike, base: CLIPConfig, what: str, device: torch.device | str = "cpu",
-              dtype: torch.dtype | str | None = torch.float32) -> CLIPTextModel:
+              dtype: torch.dtype | str | None = torch.float32, check_finite: bool = False) -> CLIPTextModel:
     """Load a CLIP text encoder whose activation and pooling are those of `base` (CLIP_L or CLIP_G) and whose
     width must be base.width; the layer count comes from the file."""
     dtype = parse_dtype(dtype)
@@ -202,7 +202,7 @@ def load_clip(path: str | os.PathLike, base: CLIPConfig, what: str, device: torc
     config = read_clip_config(f, prefix, base)
     model = build_on_meta(lambda: CLIPTextModel(config))
     check_keys(f, prefix, expected_shapes(model), f"{what} text encoder", ignore_unexpected=lambda k: k in IGNORED)
-    return assign_from_file(model, f, prefix, dtype=dtype, device=device)
+    return assign_from_file(model, f, prefix, dtype=dtype, device=device, check_finite=check_finite)
 
 
 def _find_prefix(f: SafetensorsFile, what: str) -> str:
@@ -230,15 +230,15 @@ def clip_units(model: CLIPTextModel) -> list[nn.Module]:
 
 
 def load_clip_l(path: str | os.PathLike, device: torch.device | str = "cpu",
-                dtype: torch.dtype | str | None = torch.float32) -> CLIPTextModel:
+                dtype: torch.dtype | str | None = torch.float32, check_finite: bool = False) -> CLIPTextModel:
     """CLIP-L from `text_encoders/clip_l.safetensors`: 12 layers (read from the file), width 768, quick-GELU.
     `model(ids)` -> (hidden (B, 77, 768), pooled (B, 768), *not* projected, as in the official code).
     dtype None keeps the stored dtype (then, on CPU, the weights are a zero-copy map of the file)."""
-    return load_clip(path, CLIP_L, "CLIP-L", device, dtype)
+    return load_clip(path, CLIP_L, "CLIP-L", device, dtype, check_finite)
 
 
 def load_clip_g(path: str | os.PathLike, device: torch.device | str = "cpu",
-                dtype: torch.dtype | str | None = torch.float32) -> CLIPTextModel:
+                dtype: torch.dtype | str | None = torch.float32, check_finite: bool = False) -> CLIPTextModel:
     """CLIP-G (OpenCLIP bigG) from `text_encoders/clip_g.safetensors`: 32 layers, width 1280, GELU.
     `model(ids)` -> (hidden (B, 77, 1280), pooled (B, 1280) projected by text_projection)."""
-    return load_clip(path, CLIP_G, "CLIP-G", device, dtype)
+    return load_clip(path, CLIP_G, "CLIP-G", device, dtype, check_finite)

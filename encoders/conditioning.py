@@ -45,7 +45,8 @@ class TextConditioner:
     def from_files(cls, clip_l: str | os.PathLike, clip_g: str | os.PathLike, t5: str | os.PathLike | None,
                    tokenizer_l: str | os.PathLike, tokenizer_g: str | os.PathLike,
                    tokenizer_t5: str | os.PathLike | None, device: torch.device | str = "cpu",
-                   dtype: torch.dtype | str | None = torch.float32, stream: bool = False) -> "TextConditioner":
+                   dtype: torch.dtype | str | None = torch.float32, stream: bool = False,
+                   check_finite: bool = False) -> "TextConditioner":
         """Load from explicit paths: checkpoint files, tokenizer folders (vocab.json + merges.txt; spiece.model
         or its folder). t5=None: without T5. dtype None means fp32 on CPU, bf16 on GPU. T5 computes in `dtype`
         except fp16, where its activations overflow: it computes in fp32 then, with the weights kept in fp16
@@ -61,14 +62,14 @@ class TextConditioner:
                 raise ValueError(f"a T5 checkpoint ({t5}) needs its tokenizer: pass tokenizer_t5 (tokenizer_3/)")
             tok_t5 = T5Tokenizer(tokenizer_t5)
         t5_dtype = torch.float32 if dtype == torch.float16 else dtype
-        encoder_t5 = None if t5 is None else load_t5(t5, device=device, dtype=t5_dtype)
+        encoder_t5 = None if t5 is None else load_t5(t5, device=device, dtype=t5_dtype, check_finite=check_finite)
         clips = []
         for load, path in ((load_clip_l, clip_l), (load_clip_g, clip_g)):
             if stream:
-                model = load(path, device="cpu", dtype=None)
+                model = load(path, device="cpu", dtype=None, check_finite=check_finite)
                 clips.append(stream_weights(model, device, dtype, units=clip_units(model)))
             else:
-                clips.append(load(path, device=device, dtype=dtype))
+                clips.append(load(path, device=device, dtype=dtype, check_finite=check_finite))
         return cls(*clips, encoder_t5, tok_l, tok_g, tok_t5)
 
     @classmethod

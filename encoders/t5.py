@@ -225,7 +225,7 @@ def read_t5_config(f: SafetensorsFile, prefix: str, embedding_key: str) -> T5Con
 
 def load_t5(path: str | os.PathLike, device: torch.device | str = "cpu",
             dtype: torch.dtype | str = torch.float32,
-            weight_dtype: torch.dtype | str | None = None) -> T5Encoder:
+            weight_dtype: torch.dtype | str | None = None, check_finite: bool = False) -> T5Encoder:
     """T5-XXL from `text_encoders/t5xxl_fp16.safetensors` or `t5xxl_fp8_e4m3fn.safetensors` (the block count is
     read from the file; the embedding may be named `encoder.embed_tokens.weight` or `shared.weight`).
 
@@ -259,7 +259,7 @@ def load_t5(path: str | os.PathLike, device: torch.device | str = "cpu",
         return dtype
 
     return assign_from_file(model, f, prefix, device=device, dtype_of=dtype_of,
-                            rename=lambda k: embedding_name if k == EMBEDDING else k)
+                            rename=lambda k: embedding_name if k == EMBEDDING else k, check_finite=check_finite)
 
 
 def _find_t5(f: SafetensorsFile) -> tuple[str, str]:

@@ -62,6 +62,28 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(names)}") from None
 
 
+def parse_device(device: torch.device | str | None) -> torch.device:
+    """A torch device that exists on this machine ('cpu', 'cuda', 'cuda:1', 'mps'), else a ValueError saying
+    what there is. None is the CPU."""
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = "cpu" if device is None else str(device)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"unknown device {name!r}: use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+                 "xpu": hasattr(torch, "xpu") and torch.xpu.is_available()}
+    if not available.get(dev.type, False):
+        raise ValueError(f"device {name!r} is not available on this machine (this torch build or machine has no "
+                         f"{dev.type}): use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 class SafetensorsFile:
     """A validated, memory-mapped safetensors file. `tensor(key)` returns a zero-copy CPU view."""
 
@@ -252,6 +274,7 @@ def assign_from_file(
     device: torch.device | str = "cpu",
     dtype_of: Callable[[str, torch.dtype], torch.dtype] | None = None,
     rename: Callable[[str], str] = lambda k: k,
+    check_finite: bool = False,
 ) -> nn.Module:
     """Assign every parameter/buffer of `module` (usually built on the meta device) from `f`.
 
@@ -259,6 +282,7 @@ def assign_from_file(
     (`None` keeps the stored dtype), or `dtype_of(k, stored_dtype)` when given (per-tensor choices, e.g. T5's
     matrices kept in fp8 while its norms are upcast); other tensors keep their dtype. A converted tensor's file
     pages are dropped, so only one copy is ever resident.
+    check_finite: scan every floating-point tensor for NaN/inf first (CheckpointError naming the tensor).
     Call `check_keys` first for user-facing errors; this assumes the keys are right.
     """
     device = torch.device(device)
@@ -266,6 +290,8 @@ def assign_from_file(
     for name in module.state_dict():
         key = prefix + rename(name)
         t = f.tensor(key)
+        if check_finite:
+            check_tensor_finite(f, key, t)
         if not t.dtype.is_floating_point:
             want = t.dtype
         elif dtype_of is not None:
@@ -279,6 +305,20 @@ def assign_from_file(
     module.load_state_dict(state, assign=True, strict=True)
     module.requires_grad_(False)
     return module.eval()
+
+
+def check_tensor_finite(f: SafetensorsFile, key: str, t: torch.Tensor | None = None) -> None:
+    """CheckpointError naming file and tensor if `key` holds NaN or inf (integer tensors always pass)."""
+    t = f.tensor(key) if t is None else t
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return
+    flat = t.reshape(-1)
+    bad = 0
+    for chunk in flat.split(1 << 22):   # bounded memory: fp8 has no isfinite kernel, so chunks go via fp32
+        bad += int((~torch.isfinite(chunk.float() if chunk.element_size() == 1 else chunk)).sum())
+    if bad:
+        raise CheckpointError(f"{f.path}: tensor {key!r} holds {bad} NaN/inf value(s) of {t.numel()}: the file is "
+                              "corrupt or was saved from a diverged training run; re-download or re-export it.")
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:

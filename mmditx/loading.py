@@ -55,7 +55,7 @@ def _config(f: SafetensorsFile, prefix: str) -> MMDiTXConfig:
 
 
 def load_mmditx(path: str | os.PathLike, device: torch.device | str = "cpu",
-                dtype: torch.dtype | str | None = torch.float32) -> MMDiTX:
+                dtype: torch.dtype | str | None = torch.float32, check_finite: bool = False) -> MMDiTX:
     """Load the transformer from `sd3.5_medium.safetensors` (keys under 'model.diffusion_model.'; the VAE and
     any text-encoder keys are ignored) or from a bare transformer state dict.
 
@@ -70,4 +70,4 @@ def load_mmditx(path: str | os.PathLike, device: torch.device | str = "cpu",
     model = build_on_meta(lambda: MMDiTX(config))
     ignore = (lambda k: k.startswith(OTHER_COMPONENTS)) if prefix == "" else (lambda k: False)
     check_keys(f, prefix, expected_shapes(model), "MMDiT-X transformer", ignore_unexpected=ignore)
-    return assign_from_file(model, f, prefix, dtype=dtype, device=device)
+    return assign_from_file(model, f, prefix, dtype=dtype, device=device, check_finite=check_finite)

@@ -7,48 +7,106 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-METADATA_KEY = "mmditx"  # PNG tEXt chunk holding the JSON of every generation parameter
+from .metadata import METADATA_KEY, read_png_metadata
+
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485   # input images larger than this are refused
 
 
-def claim_path(path: str | os.PathLike) -> Path:
-    """Return `path`, or `stem_1.png`, `stem_2.png`, ... : the first name that does not exist yet.
+def prepare_output(out: str | os.PathLike) -> tuple[Path, Path | None]:
+    """Check `--out` before anything is loaded: (directory, file name or None). A path ending in .png names one
+    file (later images get _1, _2, ...), anything else a directory; it is created, and a test file is written
+    and removed, so an unwritable, read-only or missing place fails now, not after minutes of sampling."""
+    out = Path(out).expanduser()
+    directory, name = (out.parent, out) if out.suffix.lower() == ".png" else (out, None)
+    directory = directory.resolve()
+    if name is not None and name.is_dir():
+        raise NotADirectoryError(f"--out {out} is a directory named like a .png file: give another name")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".mmditx-write-test-{os.getpid()}.partial"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"--out {out}: {directory} or one of its parents is a file, not a directory: "
+                                 "give a directory (it is created if missing)") from None
+    except OSError as e:
+        raise OSError(f"--out {out}: cannot write in {directory} ({e.strerror or e}): choose a writable "
+                      "directory") from None
+    return directory, (directory / name.name if name is not None else None)
 
-    The file is created atomically (O_EXCL) so two concurrent runs can never pick the same name.
-    """
+
+def claim_path(path: str | os.PathLike, data: Path) -> Path:
+    """Move the finished file `data` to `path`, or `stem_1.png`, `stem_2.png`, ... : the first name that does not
+    exist yet, atomically (a hard link fails if the name exists), so two concurrent runs never share a name,
+    an existing file is never overwritten and a name only ever holds a complete file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = path, 0
     while True:
         try:
-            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            os.link(data, candidate)
+            os.unlink(data)
             return candidate
         except FileExistsError:
             n += 1
             candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+        except OSError:   # a file system without hard links: check, then rename (same directory, atomic)
+            if candidate.exists():
+                n += 1
+                candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+                continue
+            os.rename(data, candidate)
+            return candidate
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, params: dict) -> Path:
-    """Save `image` as PNG under a fresh name (see claim_path) with `params` as JSON text metadata."""
-    target = claim_path(path)
+    """Save `image` as PNG under a fresh name (see claim_path) with `params` as JSON text metadata. The PNG is
+    written to a hidden temporary file in the same directory first (`.NAME.PID.partial`, never taken for an
+    output), so a kill or a full disk never leaves a partial PNG under an output's name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     info.add_text(METADATA_KEY, json.dumps(params, sort_keys=True))
-    if "prompt" in params:  # also readable by common image viewers and other tools
+    if "prompt" in params:  # also readable by common image viewers and other tools 
         info.add_text("parameters", str(params["prompt"]))
-    image.save(target, format="PNG", pnginfo=info)
-    return target
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        return claim_path(path, tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_png_params(path: str | os.PathLike) -> dict:
-    """The generation parameters stored by `save_png`."""
-    with Image.open(path) as im:
-        text = im.text.get(METADATA_KEY) if hasattr(im, "text") else None
-    if text is None:
-        raise ValueError(f"{path}: no mmditx generation metadata in this PNG")
-    return json.loads(text)
+    """The generation parameters stored by `save_png` (a dict, unchecked: see GenerationParams.from_dict)."""
+    return read_png_metadata(path)
+
+
+def read_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
+    """An RGB image from a file, with one-line errors: not a regular file (a FIFO would hang), not an image,
+    or more than MAX_IMAGE_PIXELS pixels (a decompression bomb)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: not found or not a regular file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"{w}x{h} pixels is more than the {MAX_IMAGE_PIXELS} allowed")
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"cannot read the {what} {path}: too large ({e}); scale it down first") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"cannot read the {what} {path}: {e}") from None
 
 
 def progress_callback(quiet: bool = False):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,11 +27,13 @@ from PIL import Image
 import encoders
 import vae as vae_lib
 from mmditx import load_mmditx, read_config, stream_weights
-from mmditx.checkpoint import parse_dtype
+from mmditx.checkpoint import parse_device, parse_dtype
 
 from .defaults import load_sampling_defaults
 from .guidance import GuidedDenoiser, SkipLayerGuidance
-from .samplers import get_sampler
+from .io import read_image
+from .metadata import MetadataError, checked, to_json_dict, validate
+from .samplers import SAMPLERS, get_sampler
 from .schedule import img2img_sigmas, initial_noise, noise_latent, sigmas
 
 MODEL_FILE_NAMES = ("sd3.5_medium.safetensors", "sd3.5_large.safetensors", "sd3_medium.safetensors")
@@ -39,30 +41,63 @@ MEMORY_MODES = ("resident", "sequential", "frugal")
 T5_FILES = {"fp16": "t5xxl_fp16.safetensors", "fp8": "t5xxl_fp8_e4m3fn.safetensors"}
 
 
+# Bounds on what a user may ask for, named in the errors (beyond them a run is a mistake, or hours long).
+MAX_STEPS = 1000
+MAX_SIDE = 16384            # pixels; the model's positional table usually allows less (checked at generate time)
+MAX_CFG = 100.0
+SHIFT_RANGE = (0.01, 100.0)
+MAX_SEED = 2 ** 63 - 1
+MAX_IMAGES = 10000          # per prompt
+MAX_BATCH = 64              # images sampled together (memory grows with it)
+STAGE_FAILED = ("check the weights (--check-weights), and lower --cfg or bring --shift nearer 3; in fp16, try "
+                "bf16 or fp32")
+
+
+class NonFiniteError(ValueError):
+    """A stage produced NaN or inf: reported with the stage and step instead of writing a black image."""
+
+
+def check_finite(t: torch.Tensor, stage: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise NonFiniteError(f"{stage} produced {bad} non-finite value(s) (NaN or inf) of {t.numel()}: "
+                             f"{STAGE_FAILED}")
+
+
 @dataclass
 class GenerationParams:
-    """Everything that determines an image (written into the PNG so it can be reproduced)."""
+    """Everything that determines an image (written into the PNG so it can be reproduced).
+
+    Each field is declared once with its type and allowed range (sampling.metadata.checked): construction,
+    --reproduce and the command line are all checked against this table. A new option adds its field here,
+    with a default that means "off" (older PNGs without the field then reproduce unchanged)."""
     prompt: str
     negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
-    steps: int = 40
-    cfg: float = 4.5
-    shift: float = 3.0
-    sampler: str = "euler"
-    seed: int = 0
+    width: int = checked(1024, lo=16, hi=MAX_SIDE)
+    height: int = checked(1024, lo=16, hi=MAX_SIDE)
+    steps: int = checked(40, lo=1, hi=MAX_STEPS)
+    cfg: float = checked(4.5, lo=0.0, hi=MAX_CFG)
+    shift: float = checked(3.0, lo=SHIFT_RANGE[0], hi=SHIFT_RANGE[1])
+    sampler: str = checked("euler", choices=tuple(sorted(SAMPLERS)))
+    seed: int = checked(0, lo=0, hi=MAX_SEED)
     slg: bool = False
-    slg_layers: tuple[int, ...] = (7, 8, 9)
-    slg_scale: float = 2.5
-    slg_start: float = 0.01
-    slg_end: float = 0.20
-    denoise: float = 1.0
+    slg_layers: tuple[int, ...] = checked((7, 8, 9), lo=0, hi=1000)
+    slg_scale: float = checked(2.5, lo=0.0, hi=MAX_CFG)
+    slg_start: float = checked(0.01, lo=0.0, hi=1.0)
+    slg_end: float = checked(0.20, lo=0.0, hi=1.0)
+    denoise: float = checked(1.0, lo=0.0, lo_open=True, hi=1.0)
     init_image: str | None = None
 
+    # Stored by every version so far: a PNG lacking one of these was not written by generate.py.
+    REQUIRED_IN_METADATA = ("prompt", "negative_prompt", "width", "height", "steps", "cfg", "shift", "sampler",
+                            "seed", "slg")
+
+    def __post_init__(self):
+        for k, v in validate(type(self), self.__dict__, "").items():
+            setattr(self, k, v)
+
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["slg_layers"] = list(self.slg_layers)
-        return d
+        return to_json_dict(self)
 
     @classmethod
     def from_preset(cls, preset: str, **fields) -> "GenerationParams":
@@ -77,11 +112,12 @@ class GenerationParams:
         return cls(**values)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "GenerationParams":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        if "slg_layers" in known:
-            known["slg_layers"] = tuple(known["slg_layers"])
-        return cls(**known)
+    def from_dict(cls, d: dict, source: str = "parameters") -> "GenerationParams":
+        """Stored parameters (a PNG's metadata), checked: types, ranges and the required keys."""
+        missing = [k for k in cls.REQUIRED_IN_METADATA if not isinstance(d, dict) or k not in d]
+        if missing:
+            raise MetadataError(f"{source}: required parameter(s) {', '.join(missing)} missing from the metadata")
+        return cls(**validate(cls, d, source))
 
 
 @dataclass
@@ -140,15 +176,17 @@ def check_size(width: int, height: int, max_pixels_side: int) -> None:
 
 class Pipeline:
     def __init__(self, files: ModelFiles, device: str | torch.device = "cpu", dtype=None,
-                 memory: str = "resident", compile: bool = False):
+                 memory: str = "resident", compile: bool = False, check_weights: bool = False):
         """compile: run the transformer through `torch.compile` (the first step of each image size compiles:
-        about 2 minutes on a 2-core CPU for ~5% per step there; see docs/performance.md)."""
+        about 2 minutes on a 2-core CPU for ~5% per step there; see docs/performance.md).
+        check_weights: scan every weight for NaN/inf while loading (a CheckpointError names the tensor)."""
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, not {memory!r}")
         if compile and memory == "frugal":
             raise ValueError("compile cannot be combined with the frugal memory mode (its weights are swapped "
                              "inside the forward pass): use the resident or sequential memory mode")
-        self.files, self.device, self.memory, self.compile = files, torch.device(device), memory, compile
+        self.files, self.device, self.memory, self.compile = files, parse_device(device), memory, compile
+        self.check_weights = check_weights
         # fp32 on CPU (no fast half precision there), bf16 on GPU unless asked otherwise
         self.dtype = parse_dtype(dtype) or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.config = read_config(files.model)  # header only: sizes can be checked before loading anything
@@ -166,22 +204,26 @@ class Pipeline:
             f = self.files
             self._text = encoders.TextConditioner.from_files(
                 clip_l=f.clip_l, clip_g=f.clip_g, t5=f.t5, tokenizer_l=f.tokenizer_l, tokenizer_g=f.tokenizer_g,
-                tokenizer_t5=f.tokenizer_t5, device=self.device, dtype=self.dtype, stream=self.memory == "frugal")
+                tokenizer_t5=f.tokenizer_t5, device=self.device, dtype=self.dtype, stream=self.memory == "frugal",
+                check_finite=self.check_weights)
         return self._text
 
     def transformer(self):
         if self._transformer is None:
             if self.memory == "frugal":
-                model = load_mmditx(self.files.model, device="cpu", dtype=None)   # as stored, zero copy
+                model = load_mmditx(self.files.model, device="cpu", dtype=None,   # as stored, zero copy
+                                    check_finite=self.check_weights)
                 self._transformer = stream_weights(model, self.device, self.dtype)
             else:
-                model = load_mmditx(self.files.model, device=self.device, dtype=self.dtype)
+                model = load_mmditx(self.files.model, device=self.device, dtype=self.dtype,
+                                    check_finite=self.check_weights)
                 self._transformer = torch.compile(model) if self.compile else model
         return self._transformer
 
     def autoencoder(self):
         if self._vae is None:
-            self._vae = vae_lib.load_vae(self.files.vae or self.files.model, device=self.device, dtype=self.dtype)
+            self._vae = vae_lib.load_vae(self.files.vae or self.files.model, device=self.device, dtype=self.dtype,
+                                         check_finite=self.check_weights)
         return self._vae
 
     def _release(self, name: str) -> None:
@@ -203,52 +245,75 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, params: GenerationParams, num_images: int = 1,
                  callback: Callable[[int, int, torch.Tensor], None] | None = None,
-                 return_latents: bool = False):
+                 return_latents: bool = False, batch_size: int = 1):
         """Images (PIL) for `params`, seeds params.seed .. params.seed + num_images - 1.
+
+        Image k is exactly the image of a single run with seed params.seed + k: its initial and ancestral noise
+        come from its own generator, the prompts are encoded once for all images, and images are sampled
+        `batch_size` at a time (1, the default, gives bit-identical images; larger batches run the transformer
+        on other matrix shapes, which on CPU can change the last bits, see README).
         callback(step, total_steps, denoised_latent) is called after every step, and once with step -1 (and no
-        latent) when sampling begins, after the prompts are encoded."""
+        latent) when each batch begins sampling, after the prompts are encoded."""
         p = params
         check_size(p.width, p.height, 8 * self.config.max_latent_size)
         sampler = get_sampler(p.sampler)
-        if num_images < 1:
-            raise ValueError(f"num_images must be at least 1, got {num_images}")
-        n = num_images
-        seeds = [p.seed + k for k in range(n)]
-
-        cond, uncond = self.encode_prompts([p.prompt] * n, [p.negative_prompt] * n)
-        schedule = sigmas(p.steps, p.shift)
-        noise = initial_noise(seeds, self.config.in_channels, p.height, p.width)
-        latent = None
-        if p.init_image is not None:
-            schedule = img2img_sigmas(schedule, p.denoise)
-            latent = self._encode_image(p.init_image, p.width, p.height).expand(n, -1, -1, -1)
-        x = noise_latent(noise, latent, schedule[0]).to(self.device)
-
-        model = self.transformer()
-        as_model = [t.to(self.device, self.dtype) for t in (*cond, *uncond)]
+        if not 1 <= num_images <= MAX_IMAGES:
+            raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}, got {batch_size}")
         slg = SkipLayerGuidance(p.slg_layers, p.slg_scale, p.slg_start, p.slg_end) if p.slg else None
         if slg is not None and max(slg.layers, default=-1) >= self.config.depth:
             raise ValueError(f"skip-layer guidance layers {slg.layers} outside the model's 0..{self.config.depth - 1}")
-        denoiser = GuidedDenoiser(model, tuple(as_model[:2]), tuple(as_model[2:]), p.cfg, p.steps, slg)
-        total = len(schedule) - 1
-        step_cb = None
-        if callback:
-            callback(-1, total, None)
-            step_cb = lambda i, x_, d: callback(i, total, d)  # noqa: E731
-        x = sampler(denoiser, x.float(), schedule.to(self.device), step_cb,
-                    generator=torch.Generator("cpu").manual_seed(p.seed))
-        self._release("_transformer")
+        schedule = sigmas(p.steps, p.shift)
+        if p.init_image is not None:
+            schedule = img2img_sigmas(schedule, p.denoise)
+        if not torch.isfinite(schedule).all():
+            raise ValueError(f"shift {p.shift} gives a schedule with non-finite noise levels: use a shift near 3")
 
-        images = self.autoencoder().decode(x)
+        cond, uncond = self.encode_prompts([p.prompt], [p.negative_prompt])   # (1, ...) each, shared by all
+        for t, what in ((cond[0], "prompt"), (uncond[0], "negative prompt")):
+            check_finite(t, f"encoding the {what} (text encoders)")
+        init_latent = self._encode_image(p.init_image, p.width, p.height) if p.init_image is not None else None
+
+        seeds = [p.seed + k for k in range(num_images)]
+        latents = [self._sample(p, sampler, schedule, cond, uncond, init_latent, slg, seeds[i:i + batch_size],
+                                callback)
+                   for i in range(0, num_images, batch_size)]
+        self._release("_transformer")
+        x = torch.cat(latents)
+
+        images = []
+        for k in range(num_images):   # one at a time: the same VAE call as a single run, and bounded memory
+            image = self.autoencoder().decode(x[k:k + 1])
+            check_finite(image, f"decoding image {k + 1} (seed {seeds[k]}) with the VAE")
+            images.append(image)
         self._release("_vae")
-        pil = vae_lib.tensor_to_images(images)
+        pil = vae_lib.tensor_to_images(torch.cat(images))
         return (pil, x) if return_latents else pil
 
+    def _sample(self, p: GenerationParams, sampler, schedule, cond, uncond, init_latent, slg, seeds, callback):
+        """One batch: the latents (len(seeds), 16, H/8, W/8) after sampling, each image from its own generators."""
+        n = len(seeds)
+        noise = initial_noise(seeds, self.config.in_channels, p.height, p.width)
+        latent = None if init_latent is None else init_latent.expand(n, -1, -1, -1)
+        x = noise_latent(noise, latent, schedule[0]).to(self.device)
+        as_model = [t.expand(n, *t.shape[1:]).to(self.device, self.dtype) for t in (*cond, *uncond)]
+        denoiser = GuidedDenoiser(self.transformer(), tuple(as_model[:2]), tuple(as_model[2:]), p.cfg, p.steps, slg)
+        total = len(schedule) - 1
+        if callback:
+            callback(-1, total, None)
+
+        def step_done(i, x_, denoised):
+            check_finite(x_, f"sampling step {i + 1}/{total} (sigma {float(schedule[i]):.4g}, seeds {seeds[0]}.."
+                             f"{seeds[-1]})")
+            if callback:
+                callback(i, total, denoised)
+
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]   # ancestral noise, per image
+        return sampler(denoiser, x.float(), schedule.to(self.device), step_done, generator=generators).cpu()
+
     def _encode_image(self, path: str, width: int, height: int) -> torch.Tensor:
-        try:
-            image = Image.open(path).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read the init image {path}: {e}") from None
+        image = read_image(path, "init image")
         if image.size != (width, height):
             image = image.resize((width, height), Image.LANCZOS)
         latent = self.autoencoder().encode(vae_lib.image_to_tensor(image), sample=False)

@@ -13,11 +13,24 @@ import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None] | None
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def step_noise(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Fresh float32 CPU noise shaped like x. With a list of generators (one per image of the batch), image k's
+    noise comes from generator k alone, so it does not depend on the batch it is sampled in."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]} images")
+        noise = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+    else:
+        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+    return noise.to(x.device, x.dtype)
 
 
 @torch.no_grad()
 def euler(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None,
-          generator: torch.Generator | None = None) -> torch.Tensor:
+          generator: Generators = None) -> torch.Tensor:
     """x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * (x_i - denoised_i) / sigma_i  (the velocity, for flow models)."""
     for i in range(len(sigmas) - 1):
         denoised = denoise(x, sigmas[i])
@@ -29,7 +42,7 @@ def euler(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Ca
 
 @torch.no_grad()
 def dpmpp_2m(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: Generators = None) -> torch.Tensor:
     """DPM-Solver++(2M), k-diffusion's `sample_dpmpp_2m`. With t = -log(sigma), h = t_next - t:
         first step and last step (sigma_next = 0):  x = (sigma_next / sigma) x - expm1(-h) denoised
         otherwise, with r = h_last / h:             d = (1 + 1/(2r)) denoised - 1/(2r) denoised_prev
@@ -57,14 +70,14 @@ def dpmpp_2m(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback:
 
 @torch.no_grad()
 def euler_ancestral(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None,
-                    generator: torch.Generator | None = None, eta: float = 1.0) -> torch.Tensor:
+                    generator: Generators = None, eta: float = 1.0) -> torch.Tensor:
     """Euler ancestral in its rectified-flow form (ComfyUI's `sample_euler_ancestral_RF`). Per step:
         sigma_down = sigma_next * (1 + (sigma_next / sigma - 1) * eta)
         x = (sigma_down / sigma) x + (1 - sigma_down / sigma) denoised          (deterministic step down)
         x = ((1 - sigma_next) / (1 - sigma_down)) x + c * noise                  (back up to sigma_next)
         with c = sqrt(sigma_next^2 - sigma_down^2 (1 - sigma_next)^2 / (1 - sigma_down)^2),
     so x again has the flow marginal sigma_next * noise + (1 - sigma_next) * clean. Last step: x = denoised.
-    The noise comes from `generator` (on the CPU, so results do not depend on the device)."""
+    The noise comes from `generator` (on the CPU, so results do not depend on the device; see step_noise)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoise(x, sigma)
@@ -76,7 +89,7 @@ def euler_ancestral(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, ca
             renoise = (sigma_next ** 2 - sigma_down ** 2 * alpha_next ** 2 / alpha_down ** 2).clamp_min(0).sqrt()
             ratio = sigma_down / sigma
             x = ratio * x + (1 - ratio) * denoised
-            noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+            noise = step_noise(x, generator)
             x = (alpha_next / alpha_down) * x + renoise * noise
         if callback:
             callback(i, x, denoised)

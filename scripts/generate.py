@@ -24,8 +24,14 @@ if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
 else:
     sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from sampling.pipeline import MEMORY_MODES  # noqa: E402
 from sampling.samplers import SAMPLERS  # noqa: E402
+from scripts.errors import add_debug_flag, run_cli  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES_BY_TORCH = {v: k for k, v in DTYPES.items()}
 
 
 def parse_args(argv=None):
@@ -51,87 +57,177 @@ def parse_args(argv=None):
     p.add_argument("--init-image", type=Path, help="image-to-image: start from this image")
     p.add_argument("--denoise", type=float, help="image-to-image strength in (0, 1] (default 0.6 with --init-image)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="images sampled together (default 1: image k equals a single run at seed+k bit for bit; "
+                        "larger batches may differ in the last bits on CPU and need more memory)")
     p.add_argument("--out", type=Path, default=Path("outputs"), help="output directory, or a .png path")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
+    p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N, mps; --reproduce: the stored kind")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="fp32 (CPU default), bf16 (GPU default), fp16; --reproduce: the stored one")
     p.add_argument("--memory", choices=MEMORY_MODES, default="resident",
                    help="resident: all models stay loaded; sequential: one model at a time; frugal: sequential "
                         "with weights kept as stored (fp16) and converted block by block (same images, ~half "
                         "the memory)")
-    p.add_argument("--t5", choices=["fp16", "fp8", "off"], default="fp16")
+    p.add_argument("--t5", choices=["fp16", "fp8", "off"], default=None,
+                   help="T5 weights: fp16 (default), fp8 or off; --reproduce: the stored mode")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer: the first step of each size compiles (minutes on CPU), "
                         "later steps run faster; pays for many images or steps (not with --memory frugal)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--check-weights", action="store_true",
+                   help="scan every weight for NaN/inf while loading (names the broken tensor; slower loading)")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
-def build_params(args, prompt: str):
-    from sampling.io import read_png_params
+MAX_PROMPT_FILE = 10 << 20   # bytes
+
+
+def check_prompt_text(text: str, where: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # undecodable bytes on the command line arrive as lone surrogates
+        raise ValueError(f"{where} is not valid UTF-8 text (character {e.start}): check the terminal's "
+                         "encoding, or put the prompt in a UTF-8 file (--prompt-file)") from None
+    return text
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file, with one-line errors for anything else."""
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file {path} not found: check the path")
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} is not a regular file (a directory?): give a text file, one prompt "
+                         "per line")
+    if path.stat().st_size > MAX_PROMPT_FILE:
+        raise ValueError(f"prompt file {path} is larger than {MAX_PROMPT_FILE >> 20} MiB: is it really prompts?")
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ValueError(f"prompt file {path} is UTF-16 text: save it as UTF-8")
+    if b"\0" in data:
+        raise ValueError(f"prompt file {path} is a binary file, not text: give a UTF-8 text file, one prompt per line")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not valid UTF-8 (byte {e.start}): save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line)")
+    return prompts
+
+
+def read_prompts(args) -> list[str | None]:
+    if args.prompt_file:
+        return read_prompt_file(args.prompt_file)
+    if args.reproduce:
+        return [None]   # the stored prompt
+    return [check_prompt_text(args.prompt if args.prompt is not None else "a photo of a cat", "--prompt")]
+
+
+def read_stored(args):
+    """(GenerationParams, RunSettings) stored in the --reproduce PNG, checked; (None, None) without one."""
+    from sampling.metadata import RunSettings, read_png_metadata
     from sampling.pipeline import GenerationParams
 
-    if args.reproduce:
-        base = GenerationParams.from_dict(read_png_params(args.reproduce))
-    else:
-        base = GenerationParams.from_preset(args.preset, prompt=prompt)
+    if not args.reproduce:
+        return None, None
+    data = read_png_metadata(args.reproduce)
+    source = f"{args.reproduce} (metadata)"
+    params, run = GenerationParams.from_dict(data, source), RunSettings.from_dict(data, source)
+    if params.init_image is not None and args.init_image is None:
+        raise ValueError(f"{args.reproduce} was made image-to-image from {params.init_image!r} (denoise "
+                         f"{params.denoise}): a file named by an image's metadata is never read on its own; pass "
+                         f"--init-image PATH to use it (or another image)")
+    return params, run
+
+
+def run_settings(args, stored):
+    """t5 mode, dtype, device: the command line's, else the stored ones (--reproduce), else the defaults."""
+    from sampling.metadata import RunSettings
+
+    default = stored or RunSettings(dtype=None)
+    t5 = args.t5 or default.t5
+    dtype = args.dtype or default.dtype
+    device = args.device or default.device
+    if stored is not None and args.device is None and device != "cpu":
+        import torch
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"{args.reproduce} was made on {device}, which this machine does not have: pass "
+                             "--device cpu to run it here (the pixels may then differ slightly)")
+    return t5, dtype, device
+
+
+def build_params(args, prompt: str | None, stored):
+    """The parameters of one prompt: the preset's (or the stored ones with --reproduce), then the command line's."""
+    from sampling.pipeline import GenerationParams
+
     overrides = {"negative_prompt": args.negative_prompt, "width": args.width, "height": args.height,
                  "steps": args.steps, "cfg": args.cfg, "shift": args.shift, "sampler": args.sampler, "seed": args.seed,
                  "slg": args.slg, "denoise": args.denoise,
                  "init_image": str(args.init_image) if args.init_image else None}
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(base, k, v)
-    if base.init_image and args.denoise is None and not args.reproduce:
-        base.denoise = 0.6
-    return base
+    if args.negative_prompt is not None:
+        check_prompt_text(args.negative_prompt, "--negative-prompt")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if stored is not None:
+        base = stored.to_dict()
+        if prompt is not None:
+            base["prompt"] = prompt
+        return GenerationParams(**{**base, **overrides})
+    if "init_image" in overrides and "denoise" not in overrides:
+        overrides["denoise"] = 0.6
+    return GenerationParams.from_preset(args.preset, prompt=prompt, **overrides)
+
+
+def image_metadata(params, k: int, pipe, t5: str, embedded: bool) -> dict:
+    """What goes into image k's PNG: its GenerationParams and RunSettings (each declared in one field table)."""
+    from sampling.metadata import RunSettings, to_json_dict
+
+    run = RunSettings(t5=t5, dtype=DTYPES_BY_TORCH[pipe.dtype], device=pipe.device.type,
+                      model=pipe.files.model.name, embedded_random_weights=embedded)
+    return {**params.to_dict(), "seed": params.seed + k, **to_json_dict(run)}
 
 
 def main(argv=None) -> int:
+    """The command (also the console script): run() inside the error boundary (scripts/errors.py)."""
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> int:
     args = parse_args(argv)
     from mmditx.runtime import tune_for_memory_mode
     from sampling.embedded import model_dir_or_embedded
-    from sampling.io import progress_callback, save_png
-    from sampling.pipeline import Pipeline
+    from sampling.io import prepare_output, progress_callback, save_png
+    from sampling.pipeline import MAX_BATCH, MAX_IMAGES, Pipeline
 
-    if args.prompt_file:
-        prompts = [line.strip() for line in args.prompt_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise SystemExit(f"{args.prompt_file}: no prompts (one per line)")
-    elif args.reproduce:
-        prompts = [None]
-    else:
-        prompts = [args.prompt if args.prompt is not None else "a photo of a cat"]
+    # Everything that can be checked is checked before anything loads: values, prompts, --out.
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise ValueError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
+    if not 1 <= args.batch_size <= MAX_BATCH:
+        raise ValueError(f"--batch-size must be between 1 and {MAX_BATCH}, got {args.batch_size}")
+    stored, stored_run = read_stored(args)
+    t5, dtype, device = run_settings(args, stored_run)
+    jobs = [build_params(args, prompt, stored) for prompt in read_prompts(args)]
+    out_dir, out_file = prepare_output(args.out)
 
     model_dir, embedded = model_dir_or_embedded(
         args.model_dir, "Its images are noise; pass --model-dir with the official files for real images.")
-
     tune_for_memory_mode(args.memory)  # this process is ours: reuse freed activations unless frugal
-    try:
-        pipe = Pipeline.from_model_dir(model_dir, t5=args.t5, device=args.device, dtype=args.dtype, memory=args.memory,
-                                       compile=args.compile)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    pipe = Pipeline.from_model_dir(model_dir, t5=t5, device=device, dtype=dtype, memory=args.memory,
+                                   compile=args.compile, check_weights=args.check_weights)
     print(f"model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}); "
-          f"device {pipe.device}, {str(pipe.dtype).replace('torch.', '')}, memory {args.memory}, T5 {args.t5}",
-          file=sys.stderr)
+          f"device {pipe.device}, {DTYPES_BY_TORCH[pipe.dtype]}, memory {args.memory}, T5 {t5}", file=sys.stderr)
 
-    out_dir = args.out if args.out.suffix.lower() != ".png" else args.out.parent
     written = []
-    for prompt in prompts:
-        params = build_params(args, prompt)
+    for params in jobs:
         print(f"sampler {params.sampler}, {params.steps} steps, cfg {params.cfg}, shift {params.shift}, "
               f"SLG {'on (layers ' + ','.join(map(str, params.slg_layers)) + ')' if params.slg else 'off'}, "
               f"{params.width}x{params.height}, seed {params.seed} (preset {args.preset})", file=sys.stderr)
         start = time.perf_counter()
-        try:
-            images = pipe.generate(params, num_images=args.num_images, callback=progress_callback(args.quiet))
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
+        images = pipe.generate(params, num_images=args.num_images, batch_size=args.batch_size,
+                               callback=progress_callback(args.quiet))
         for k, image in enumerate(images):
-            meta = {**params.to_dict(), "seed": params.seed + k, "model": pipe.files.model.name,
-                    "embedded_random_weights": embedded, "t5": args.t5}
-            name = args.out if args.out.suffix.lower() == ".png" else out_dir / f"{params.seed + k:06d}.png"
-            written.append(save_png(image, name, meta))
+            name = out_file or out_dir / f"{params.seed + k:06d}.png"
+            written.append(save_png(image, name, image_metadata(params, k, pipe, t5, embedded)))
             print(f"wrote {written[-1]}", file=sys.stderr)
         print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     for path in written:

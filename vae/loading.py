@@ -83,7 +83,7 @@ def read_vae_config(path: str | os.PathLike) -> VAEConfig:
 
 
 def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu",
-             dtype: torch.dtype | str | None = torch.float32) -> VAE:
+             dtype: torch.dtype | str | None = torch.float32, check_finite: bool = False) -> VAE:
     """Load the SD3 VAE from `sd3.5_medium.safetensors` or a separate VAE file.
 
     dtype: weights are converted to it (fp32 on CPU; bf16/fp16 on GPU), None keeps the stored dtype.
@@ -98,4 +98,4 @@ def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu",
     # Under no prefix the file may also hold a bare transformer or text encoders: only encoder./decoder. count.
     ignore = (lambda k: not k.startswith(("encoder.", "decoder."))) if prefix == "" else (lambda k: False)
     check_keys(f, prefix, expected_shapes(model), "SD3 VAE", ignore_unexpected=ignore)
-    return assign_from_file(model, f, prefix, dtype=dtype, device=device)
+    return assign_from_file(model, f, prefix, dtype=dtype, device=device, check_finite=check_finite)
