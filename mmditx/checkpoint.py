@@ -103,35 +103,8 @@ class SafetensorsFile:
                     f"{self.path}: not a safetensors file (header length {n} does not fit a {size}-byte file). "
                     "A .ckpt/.pt/.bin pickle is not supported: convert it to .safetensors, or re-download a truncated file.")
             raw = f.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-        except (UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"{self.path}: not a safetensors file (header is not valid JSON: {e}).") from None
-        self.metadata: dict = header.pop("__metadata__", None) or {}
+        self.metadata, self.entries = parse_header(raw, size - 8 - n, self.path)
         self.data_start = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        data_size = size - self.data_start
-        for key, info in header.items():
-            try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: entry {key!r} of the header is malformed or has an "
-                                      f"unsupported dtype ({info!r}).") from None
-            if end > data_size:
-                raise CheckpointError(
-                    f"{self.path}: truncated file: tensor {key!r} ends at byte {self.data_start + end} but the file "
-                    f"has {size} bytes. The download or copy did not finish: fetch the file again.")
-            numel = 1
-            for s in shape:
-                numel *= s
-            if end - begin != numel * _itemsize(dtype):
-                raise CheckpointError(f"{self.path}: tensor {key!r} has {end - begin} bytes of data but its "
-                                      f"shape {list(shape)} and dtype {info['dtype']} need {numel * _itemsize(dtype)}.")
-            self.entries[key] = (dtype, shape, begin, end)
         self._mmap: mmap.mmap | None = None
         self._bytes: torch.Tensor | None = None
 
@@ -179,6 +152,68 @@ class SafetensorsFile:
         stop = (self.data_start + end) // page * page
         if stop > start:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+def parse_header(raw: bytes, data_size: int, path: str | os.PathLike = "<header>"
+                 ) -> tuple[dict[str, str], dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]]:
+    """(metadata, {key: (dtype, shape, begin, end)}) from a safetensors header, validated as the format's
+    specification requires: a JSON object of entries {"dtype": one of _DTYPES, "shape": [non-negative ints],
+    "data_offsets": [begin, end]} and an optional "__metadata__" of strings; every tensor's bytes inside the data
+    section (`data_size` bytes), of exactly dtype size x shape, and no two tensors overlapping. Anything else is a
+    CheckpointError naming the file and the key (never a tensor that could read the header or another tensor)."""
+    def fail(what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid safetensors file: {what}. Re-download or re-export it.")
+
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise fail(f"the header is not valid JSON ({e})") from None
+    except RecursionError:   # the format's header is at most 3 levels deep
+        raise fail("the header is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise fail("the header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise fail("__metadata__ is not an object of strings")
+    entries = {}
+    for key, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise fail(f"entry {key!r} is not {{dtype, shape, data_offsets}}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise fail(f"tensor {key!r} has dtype {str(dtype)[:40]!r}; supported: {', '.join(_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_count(s) for s in shape) or len(shape) > 16:
+            raise fail(f"tensor {key!r} has shape {str(shape)[:80]}; a shape is a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise fail(f"tensor {key!r} has data_offsets {str(offsets)[:80]}; expected [begin, end], non-negative "
+                       "integers")
+        begin, end = offsets
+        if begin > end:
+            raise fail(f"tensor {key!r} has data_offsets [{begin}, {end}]: begin after end")
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated file: tensor {key!r} ends at byte {end} of the data section, which has "
+                f"{data_size} bytes. The download or copy did not finish: fetch the file again.")
+        numel = 1
+        for s in shape:
+            numel *= s
+        need = numel * _itemsize(_DTYPES[dtype])
+        if end - begin != need:
+            raise fail(f"tensor {key!r} has {end - begin} bytes of data but its shape {shape} and dtype {dtype} "
+                       f"need {need}")
+        entries[key] = (_DTYPES[dtype], tuple(shape), begin, end)
+    previous = None
+    for key, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin == end:
+            continue   # an empty tensor occupies no bytes
+        if previous is not None and begin < entries[previous][3]:
+            raise fail(f"tensors {previous!r} and {key!r} overlap in the data section")
+        previous = key
+    return metadata, entries
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -287,9 +322,13 @@ def assign_from_file(
     """
     device = torch.device(device)
     state = {}
-    for name in module.state_dict():
+    for name, slot in module.state_dict().items():
         key = prefix + rename(name)
         t = f.tensor(key)
+        if t.dtype.is_floating_point != slot.dtype.is_floating_point:
+            kind = "floating-point" if slot.dtype.is_floating_point else f"{_DTYPE_NAMES.get(slot.dtype, slot.dtype)}"
+            raise CheckpointError(f"{f.path}: tensor {key!r} is stored as {_DTYPE_NAMES[t.dtype]} but this weight "
+                                  f"must be {kind}: the file is damaged or not this model's checkpoint.")
         if check_finite:
             check_tensor_finite(f, key, t)
         if not t.dtype.is_floating_point:

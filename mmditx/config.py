@@ -62,19 +62,23 @@ class MMDiTXConfig:
     def from_shapes(cls, shapes: Mapping[str, tuple[int, ...]], source: str = "checkpoint") -> "MMDiTXConfig":
         """Infer the configuration from {name: shape} of a transformer state dict (no prefix)."""
 
-        def need(key: str) -> tuple[int, ...]:
+        def need(key: str, rank: int) -> tuple[int, ...]:
             if key not in shapes:
                 raise ConfigError(f"{source}: missing key {key!r}, needed to infer the MMDiT-X configuration")
-            return tuple(shapes[key])
+            shape = tuple(shapes[key])
+            if len(shape) != rank or min(shape, default=0) < 1:
+                raise ConfigError(f"{source}: {key!r} has shape {list(shape)}; an MMDiT-X transformer has {rank} "
+                                  "positive dimensions there. Is this the right file, and intact?")
+            return shape
 
-        hidden, in_ch, patch, _ = need("x_embedder.proj.weight")
+        hidden, in_ch, patch, _ = need("x_embedder.proj.weight", 4)
         blocks = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"joint_blocks\.(\d+)\.", k))})
         if not blocks:
             raise ConfigError(f"{source}: no joint_blocks.* keys: not an MMDiT transformer")
         if blocks != list(range(len(blocks))):
             missing = sorted(set(range(blocks[-1] + 1)) - set(blocks))
             raise ConfigError(f"{source}: joint blocks {missing} are missing (found blocks 0..{blocks[-1]} with gaps)")
-        n_pos = need("pos_embed")[1]
+        n_pos = need("pos_embed", 3)[1]
         side = math.isqrt(n_pos)
         if side * side != n_pos:
             raise ConfigError(f"{source}: pos_embed has {n_pos} positions, not a square grid")
@@ -85,11 +89,11 @@ class MMDiTXConfig:
             depth=len(blocks),
             patch_size=patch,
             in_channels=in_ch,
-            out_channels=need("final_layer.linear.weight")[0] // (patch * patch),
-            mlp_ratio=need("joint_blocks.0.x_block.mlp.fc1.weight")[0] / hidden,
+            out_channels=need("final_layer.linear.weight", 2)[0] // (patch * patch),
+            mlp_ratio=need("joint_blocks.0.x_block.mlp.fc1.weight", 2)[0] / hidden,
             pos_embed_max_size=side,
-            context_dim=need("context_embedder.weight")[1],
-            pooled_dim=need("y_embedder.mlp.0.weight")[1],
+            context_dim=need("context_embedder.weight", 2)[1],
+            pooled_dim=need("y_embedder.mlp.0.weight", 2)[1],
             qk_norm="joint_blocks.0.x_block.attn.ln_q.weight" in shapes,
             dual_attention_blocks=tuple(i for i in blocks if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes),
         )
