@@ -40,6 +40,17 @@ class TextConditioner:
             raise ValueError("give both the T5 encoder and its tokenizer, or neither (to run without T5)")
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tokenizer_l, self.tokenizer_g, self.tokenizer_t5 = tokenizer_l, tokenizer_g, tokenizer_t5
+        # A tokenizer that hands out ids its encoder has no embedding for would fail deep inside (or, on a GPU,
+        # read other memory): check that they belong together.
+        pairs = [("CLIP-L", tokenizer_l.max_id, clip_l.text_model.embeddings.token_embedding),
+                 ("CLIP-G", tokenizer_g.max_id, clip_g.text_model.embeddings.token_embedding)]
+        if t5 is not None:
+            pairs.append(("T5", tokenizer_t5.sp.vocab_size() - 1, t5.encoder.embed_tokens))
+        for what, max_id, embedding in pairs:
+            if max_id >= embedding.num_embeddings:
+                raise ValueError(f"the {what} tokenizer has token ids up to {max_id}, but the {what} text encoder "
+                                 f"embeds only {embedding.num_embeddings} tokens: the tokenizer files and the "
+                                 "checkpoint do not belong together")
 
     @classmethod
     def from_files(cls, clip_l: str | os.PathLike, clip_g: str | os.PathLike, t5: str | os.PathLike | None,

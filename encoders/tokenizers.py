@@ -61,16 +61,22 @@ class CLIPTokenizer:
         merges_path = _require(folder / "merges.txt", "CLIP BPE merges merges.txt")
         try:
             vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            if not isinstance(vocab, dict):
+                raise ValueError(f"a JSON {type(vocab).__name__}, not an object")
+            bad = [k for k, v in vocab.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+            if bad:
+                raise ValueError(f"token {bad[0]!r} has id {vocab[bad[0]]!r}, not a non-negative integer")
             self.start_id, self.end_id = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, RecursionError) as e:
             raise ValueError(f"{vocab_path}: not a CLIP vocabulary ({type(e).__name__}: {e}); expected a JSON "
-                             "object holding '<|startoftext|>' and '<|endoftext|>'.") from None
+                             "object {token: id} holding '<|startoftext|>' and '<|endoftext|>'.") from None
+        self.max_id = max(vocab.values())
         try:
             _, merges = BPE.read_file(str(vocab_path), str(merges_path))
+            bpe = BPE(vocab, merges, unk_token="<|endoftext|>", continuing_subword_prefix="",
+                      end_of_word_suffix="</w>", fuse_unk=False)
         except Exception as e:  # the tokenizers library raises a bare Exception for malformed files
-            raise ValueError(f"{merges_path}: cannot read the BPE merges ({e}).") from None
-        bpe = BPE(vocab, merges, unk_token="<|endoftext|>", continuing_subword_prefix="", end_of_word_suffix="</w>",
-                  fuse_unk=False)
+            raise ValueError(f"{merges_path}: cannot read the BPE merges with this vocabulary ({e}).") from None
         tok = Tokenizer(bpe)
         tok.normalizer = normalizers.Sequence(
             [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])

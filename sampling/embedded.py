@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -174,15 +175,37 @@ def model_dir_or_embedded(model_dir: str | os.PathLike | None, consequence: str)
 
 
 def embedded_model_dir() -> Path:
-    """The cached embedded model set, built on first use (a few seconds)."""
+    """The cached embedded model set, built on first use (a few seconds).
+
+    Safe when several first runs start at once: each builds in its own temporary folder and renames it into
+    place; a rename onto a folder that exists fails, and the loser uses the winner's set and deletes only its
+    own temporary folder. `root` only ever appears complete, so nothing ever deletes another run's result."""
     root = cache_dir()
     if (root / "COMPLETE").is_file():
         return root
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    (tmp / "COMPLETE").write_text("random weights; built by mmditx sampling.embedded\n")
-    if root.exists():
-        shutil.rmtree(root)
-    tmp.rename(root)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp", dir=root.parent))
+    except OSError as e:
+        raise OSError(f"cannot create the model cache in {root.parent} ({e.strerror or e}): set MMDITX_CACHE to a "
+                      "writable directory") from None
+    try:
+        build(tmp)
+        (tmp / "COMPLETE").write_text("random weights; built by mmditx sampling.embedded\n")
+        if root.exists() and not (root / "COMPLETE").is_file():
+            # Left incomplete by an older version: move it aside (atomic) before deleting, so a complete set
+            # renamed into place meanwhile by another run is never the one deleted.
+            stale = Path(tempfile.mkdtemp(prefix=root.name + ".stale", dir=root.parent))
+            try:
+                os.rename(root, stale / "old")
+            except OSError:
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / "COMPLETE").is_file():   # not another run's complete set: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # ours only (gone after a successful rename)
     return root

@@ -17,12 +17,12 @@ from .metadata import METADATA_KEY, read_png_metadata
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485   # input images larger than this are refused
 
 
-def prepare_output(out: str | os.PathLike) -> tuple[Path, Path | None]:
+def prepare_output(out: str | os.PathLike, file_allowed: bool = True) -> tuple[Path, Path | None]:
     """Check `--out` before anything is loaded: (directory, file name or None). A path ending in .png names one
-    file (later images get _1, _2, ...), anything else a directory; it is created, and a test file is written
+    file (later images get _1, _2, ...), anything else (or all, file_allowed=False) a directory; it is created, and a test file is written
     and removed, so an unwritable, read-only or missing place fails now, not after minutes of sampling."""
     out = Path(out).expanduser()
-    directory, name = (out.parent, out) if out.suffix.lower() == ".png" else (out, None)
+    directory, name = (out.parent, out) if file_allowed and out.suffix.lower() == ".png" else (out, None)
     directory = directory.resolve()
     if name is not None and name.is_dir():
         raise NotADirectoryError(f"--out {out} is a directory named like a .png file: give another name")

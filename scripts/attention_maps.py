@@ -28,6 +28,7 @@ else:
 
 from sampling.pipeline import MEMORY_MODES  # noqa: E402
 from sampling.samplers import SAMPLERS  # noqa: E402
+from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 
 EMBEDDED_SIZE = 256     # default image side with the embedded model set (its positional table allows 512)
 
@@ -59,6 +60,7 @@ def parse_args(argv=None):
                    help="as for generate.py (frugal: weights streamed to the compute dtype block by block)")
     p.add_argument("--t5", choices=["fp16", "fp8", "off"], default="fp16")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -88,23 +90,27 @@ def main(argv=None) -> int:
     from mmditx.runtime import tune_for_memory_mode
     from sampling.attention_maps import attention_maps, contact_sheet, overlay, slug, split_words
     from sampling.embedded import model_dir_or_embedded
-    from sampling.io import progress_callback, save_png
+    from sampling.io import prepare_output, progress_callback, save_png
     from sampling.pipeline import GenerationParams, Pipeline
 
     if args.out.exists() and not args.out.is_dir():
         raise SystemExit(f"error: --out {args.out} is a file; give a directory (it is created if missing)")
+    args.out = prepare_output(args.out, file_allowed=False)[0]   # writable, checked before anything loads
 
     model_dir, embedded = model_dir_or_embedded(
         args.model_dir, "The maps show the machinery, not meaning; pass --model-dir with the official files for "
                         "real ones.")
 
     size = EMBEDDED_SIZE if embedded else 1024
-    params = GenerationParams.from_preset(
-        args.preset, prompt=args.prompt, negative_prompt=args.negative or "",
-        width=size if args.width is None else args.width, height=size if args.height is None else args.height,
-        steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, slg=args.slg)
-    if params.steps < 1:
-        raise SystemExit(f"error: --steps must be at least 1, got {params.steps}")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"error: --steps must be at least 1, got {args.steps}")
+    try:
+        params = GenerationParams.from_preset(
+            args.preset, prompt=args.prompt, negative_prompt=args.negative or "",
+            width=size if args.width is None else args.width, height=size if args.height is None else args.height,
+            steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, slg=args.slg)
+    except ValueError as e:   # a value out of its range (GenerationParams' field table names it)
+        raise SystemExit(f"error: {e}") from None
 
     if not split_words(args.prompt):
         raise SystemExit(f"error: the prompt {args.prompt!r} has no words to map (only spaces and punctuation)")
@@ -154,4 +160,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

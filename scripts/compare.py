@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from mmditx import MMDiTX, load_config, load_mmditx  # noqa: E402
 from mmditx.checkpoint import save_safetensors  # noqa: E402
+from scripts.errors import add_debug_flag, bounded, run_cli  # noqa: E402
 from mmditx.compare import (diffusers_sd3_kwargs, error_table, format_table, watch_diffusers_sd3,  # noqa: E402
                             watch_mmditx)
 
@@ -63,9 +64,12 @@ def run_ours(model, args):
 
 
 def run_diffusers(model, path, args):
-    from diffusers import SD3Transformer2DModel
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-    from safetensors.torch import load_file
+    try:
+        from diffusers import SD3Transformer2DModel
+        from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise SystemExit(f"error: the diffusers mode needs the reference extra ({e}): pip install -e '.[reference]'")
 
     sd = {k: v.float() for k, v in load_file(str(path)).items() if k.startswith("model.diffusion_model.")}
     ref = SD3Transformer2DModel(**diffusers_sd3_kwargs(model.config))
@@ -118,12 +122,15 @@ def main(argv=None) -> None:
     p.add_argument("--a", default="fp32", help="dtype of run a, the reference (dtype mode)")
     p.add_argument("--b", default=None, help="dtype of run b (dtype mode, default bf16); t5 mode: a T5 file or "
                    "'fp8' (default)")
-    p.add_argument("--size", type=int, default=256, help="image side in pixels")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--tokens", type=int, default=154)
-    p.add_argument("--t", type=float, default=500.0, help="sigma * 1000")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=bounded(int, 16, 4096), default=256, help="image side in pixels")
+    p.add_argument("--batch", type=bounded(int, 1, 64), default=1)
+    p.add_argument("--tokens", type=bounded(int, 1, 1024), default=154)
+    p.add_argument("--t", type=bounded(float, 0, 1000), default=500.0, help="sigma * 1000")
+    p.add_argument("--seed", type=bounded(int, 0, 2 ** 63 - 1), default=0)
+    add_debug_flag(p)
     args = p.parse_args(argv)
+    if args.size % 16:
+        p.error(f"--size {args.size} is not a multiple of 16 (the latent is size/8, patched 2x2)")
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.mode == "t5":
@@ -146,4 +153,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

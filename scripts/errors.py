@@ -12,6 +12,7 @@ The traceback is printed only with `--debug`.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import sys
 import traceback
@@ -87,3 +88,23 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
             print(f"internal error: {message}. Rerun with --debug for the traceback, and please report it.",
                   file=sys.stderr)
         return 1
+
+
+def bounded(kind: type, lo=None, hi=None):
+    """An argparse `type=` that also checks lo <= value <= hi (and finiteness for floats), naming the limit."""
+    import math
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            limits = " and ".join(s for s in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None
+                                                                                    else "") if s)
+            raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {limits}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse

@@ -23,15 +23,20 @@ from pathlib import Path  # noqa: E402
 
 from mmditx import load_config, read_config  # noqa: E402
 from mmditx.anatomy import report  # noqa: E402
+from scripts.errors import add_debug_flag, bounded, run_cli  # noqa: E402
 
 
 def resolution(text: str) -> tuple[int, int]:
     """'1024' -> (1024, 1024); '1216x832' -> (width 1216, height 832)."""
     try:
         w, _, h = text.lower().partition("x")
-        return int(w), int(h or w)
+        size = int(w), int(h or w)
     except ValueError:
         raise argparse.ArgumentTypeError(f"resolution must be N or WxH in pixels, e.g. 1024 or 1216x832; got {text!r}")
+    if min(size) < 16 or max(size) > 65536 or size[0] % 16 or size[1] % 16:
+        raise argparse.ArgumentTypeError(f"resolution {text!r}: each side must be a multiple of 16 between 16 and "
+                                         "65536 pixels")
+    return size
 
 
 def config_of(model: str):
@@ -47,9 +52,13 @@ def main(argv=None) -> int:
     parser.add_argument("model", help="config name (sd3.5_medium, sd3.5_large, sd3_medium, tiny), "
                                       "a .json config or a .safetensors checkpoint")
     parser.add_argument("--resolution", type=resolution, default=(1024, 1024), help="image size: N or WxH pixels")
-    parser.add_argument("--batch", type=int, default=2, help="batch of one forward pass (2 = one image with CFG)")
-    parser.add_argument("--tokens", type=int, default=154, help="context tokens (77 CLIP + 77 T5 = 154)")
-    parser.add_argument("--steps", type=int, default=50, help="sampling steps for the whole-run total")
+    parser.add_argument("--batch", type=bounded(int, 1, 4096), default=2,
+                        help="batch of one forward pass (2 = one image with CFG)")
+    parser.add_argument("--tokens", type=bounded(int, 1, 100000), default=154,
+                        help="context tokens (77 CLIP + 77 T5 = 154)")
+    parser.add_argument("--steps", type=bounded(int, 1, 100000), default=50,
+                        help="sampling steps for the whole-run total")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     try:
         config, name = config_of(args.model)
@@ -63,4 +72,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
