@@ -7,7 +7,9 @@ A field's type comes from its annotation; its allowed range (if any) from `check
 `validate(cls, values, source)` checks a dict (a PNG's metadata, a preset, command-line values) against that
 table and raises `MetadataError` naming the source, the field, the value and what is allowed. A feature that
 adds a parameter declares it once, as a field with its range; writing, reading and checking follow from that.
-Fields without a default are required in stored metadata.
+Types: int, float (finite), str (valid UTF-8), bool (strict: "false" is not false), `X | None`, `tuple[X, ...]`,
+`list[X]`, and nested dataclasses (records, e.g. `loras: list[LoraSpec] = checked(default_factory=list)` with
+`LoraSpec` a dataclass of file, strength and hash, each field checked the same way).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class MetadataError(ValueError):
     """Stored or given parameters that cannot be used; the message names the field and what is allowed."""
 
 
+class NestedError(TypeError):
+    """A nested record's own problem (carried up to name the outer field too)."""
+
+
 def checked(default=dataclasses.MISSING, *, lo=None, hi=None, lo_open: bool = False, choices=None,
             default_factory=dataclasses.MISSING):
     """A dataclass field with an allowed range [lo, hi] (lo excluded when `lo_open`) or a set of choices."""
@@ -42,6 +48,8 @@ def _describe(tp) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "an object {" + ", ".join(f.name for f in dataclasses.fields(tp)) + "}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -90,6 +98,15 @@ def _convert(tp, value):
         return value
     if tp is typing.Any:
         return value
+    if dataclasses.is_dataclass(tp):   # a nested record, e.g. one LoRA {file, strength, sha256}
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError
+        try:
+            return tp(**validate(tp, value, "", require=True))
+        except MetadataError as e:
+            raise NestedError(str(e)) from None
     if not isinstance(value, tp):
         raise TypeError
     return value
@@ -130,6 +147,8 @@ def validate(cls, values: dict, source: str, require: bool = False, partial: boo
         value = values[f.name]
         try:
             value = _convert(hints[f.name], value)
+        except NestedError as e:
+            raise MetadataError(f"{prefix}{f.name}: {e}") from None
         except TypeError:
             expected = _describe(hints[f.name]).replace("a number", "a finite number")
             raise MetadataError(f"{prefix}{f.name} is {json.dumps(value, default=str)[:80]}; expected {expected}"
