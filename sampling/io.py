@@ -89,7 +89,12 @@ def read_png_params(path: str | os.PathLike) -> dict:
     return read_png_metadata(path)
 
 
-def read_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
+def check_image_file(path: str | os.PathLike, what: str = "image") -> None:
+    """read_image's checks from the header alone (cheap: nothing is decoded)."""
+    read_image(path, what, decode=False)
+
+
+def read_image(path: str | os.PathLike, what: str = "image", decode: bool = True) -> Image.Image | None:
     """An RGB image from a file, with one-line errors: not a regular file (a FIFO would hang), not an image,
     or more than MAX_IMAGE_PIXELS pixels (a decompression bomb)."""
     path = Path(path)
@@ -102,7 +107,7 @@ def read_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
                 w, h = im.size
                 if w * h > MAX_IMAGE_PIXELS:
                     raise ValueError(f"{w}x{h} pixels is more than the {MAX_IMAGE_PIXELS} allowed")
-                return im.convert("RGB")
+                return im.convert("RGB") if decode else None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ValueError(f"cannot read the {what} {path}: too large ({e}); scale it down first") from None
     except (OSError, ValueError, SyntaxError) as e:

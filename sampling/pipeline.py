@@ -31,7 +31,7 @@ from mmditx.checkpoint import parse_device, parse_dtype
 
 from .defaults import load_sampling_defaults
 from .guidance import GuidedDenoiser, SkipLayerGuidance
-from .io import read_image
+from .io import check_image_file, read_image
 from .metadata import MetadataError, checked, to_json_dict, validate
 from .samplers import SAMPLERS, get_sampler
 from .schedule import img2img_sigmas, initial_noise, noise_latent, sigmas
@@ -174,6 +174,25 @@ def check_size(width: int, height: int, max_pixels_side: int) -> None:
                              f"{max_pixels_side} pixels per side for this model")
 
 
+def check_job(p: GenerationParams, config, num_images: int = 1, batch_size: int = 1) -> torch.Tensor:
+    """Everything about a job that can be checked against the model's configuration (read from the header) before
+    any weights load; returns the noise schedule."""
+    check_size(p.width, p.height, 8 * config.max_latent_size)
+    if not 1 <= num_images <= MAX_IMAGES:
+        raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}, got {batch_size}")
+    if p.slg and max(p.slg_layers, default=-1) >= config.depth:
+        raise ValueError(f"skip-layer guidance layers {p.slg_layers} outside the model's 0..{config.depth - 1}")
+    schedule = sigmas(p.steps, p.shift)
+    if p.init_image is not None:
+        check_image_file(p.init_image, "init image")
+        schedule = img2img_sigmas(schedule, p.denoise)
+    if not torch.isfinite(schedule).all():
+        raise ValueError(f"shift {p.shift} gives a schedule with non-finite noise levels: use a shift near 3")
+    return schedule
+
+
 class Pipeline:
     def __init__(self, files: ModelFiles, device: str | torch.device = "cpu", dtype=None,
                  memory: str = "resident", compile: bool = False, check_weights: bool = False):
@@ -255,20 +274,9 @@ class Pipeline:
         callback(step, total_steps, denoised_latent) is called after every step, and once with step -1 (and no
         latent) when each batch begins sampling, after the prompts are encoded."""
         p = params
-        check_size(p.width, p.height, 8 * self.config.max_latent_size)
+        schedule = check_job(p, self.config, num_images, batch_size)
         sampler = get_sampler(p.sampler)
-        if not 1 <= num_images <= MAX_IMAGES:
-            raise ValueError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images}")
-        if not 1 <= batch_size <= MAX_BATCH:
-            raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}, got {batch_size}")
         slg = SkipLayerGuidance(p.slg_layers, p.slg_scale, p.slg_start, p.slg_end) if p.slg else None
-        if slg is not None and max(slg.layers, default=-1) >= self.config.depth:
-            raise ValueError(f"skip-layer guidance layers {slg.layers} outside the model's 0..{self.config.depth - 1}")
-        schedule = sigmas(p.steps, p.shift)
-        if p.init_image is not None:
-            schedule = img2img_sigmas(schedule, p.denoise)
-        if not torch.isfinite(schedule).all():
-            raise ValueError(f"shift {p.shift} gives a schedule with non-finite noise levels: use a shift near 3")
 
         cond, uncond = self.encode_prompts([p.prompt], [p.negative_prompt])   # (1, ...) each, shared by all
         for t, what in ((cond[0], "prompt"), (uncond[0], "negative prompt")):

@@ -197,7 +197,9 @@ def run(argv=None) -> int:
     from mmditx.runtime import tune_for_memory_mode
     from sampling.embedded import model_dir_or_embedded
     from sampling.io import prepare_output, progress_callback, save_png
-    from sampling.pipeline import MAX_BATCH, MAX_IMAGES, Pipeline
+    from mmditx import read_config
+    from mmditx.checkpoint import parse_device
+    from sampling.pipeline import MAX_BATCH, MAX_IMAGES, ModelFiles, Pipeline, check_job
 
     # Everything that can be checked is checked before anything loads: values, prompts, --out.
     if not 1 <= args.num_images <= MAX_IMAGES:
@@ -206,11 +208,15 @@ def run(argv=None) -> int:
         raise ValueError(f"--batch-size must be between 1 and {MAX_BATCH}, got {args.batch_size}")
     stored, stored_run = read_stored(args)
     t5, dtype, device = run_settings(args, stored_run)
+    parse_device(device)
     jobs = [build_params(args, prompt, stored) for prompt in read_prompts(args)]
     out_dir, out_file = prepare_output(args.out)
 
     model_dir, embedded = model_dir_or_embedded(
         args.model_dir, "Its images are noise; pass --model-dir with the official files for real images.")
+    config = read_config(ModelFiles.from_dir(model_dir, t5=t5).model)   # the header only: sizes before loading
+    for params in jobs:
+        check_job(params, config, args.num_images, args.batch_size)
     tune_for_memory_mode(args.memory)  # this process is ours: reuse freed activations unless frugal
     pipe = Pipeline.from_model_dir(model_dir, t5=t5, device=device, dtype=dtype, memory=args.memory,
                                    compile=args.compile, check_weights=args.check_weights)

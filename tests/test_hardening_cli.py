@@ -101,8 +101,18 @@ def model_copy(cache, tmp_path, edit_model=None, edit_tokenizer=None):
     (["--denoise", "0", "--init-image", "x.png"], "denoise is 0.0; it must be > 0.0"),
     (["--device", "banana"], "unknown device 'banana'"),
     (["--device", "cuda"], "device 'cuda' is not available on this machine"),
+    (["--width", "100"], "width 100 is not a positive multiple of 16"),
+    (["--height", "2048"], "height 2048 is larger than the positional table allows: at most 1024"),
+    (["--slg", "--prompt", "y", "--cfg", "2"], None),   # control: valid values pass these checks (see below)
 ])
-def test_bad_values_fail_before_loading(capsys, tmp_path, args, message):
+def test_bad_values_fail_before_loading(cache, capsys, tmp_path, monkeypatch, args, message):
+    if message is None:   # a valid command reaches loading: the checks above are not just refusing everything
+        from sampling import pipeline
+        monkeypatch.setattr(pipeline.Pipeline, "__init__", lambda *a, **k: (_ for _ in ()).throw(
+            RuntimeError("reached loading")))
+        rc, _, err = generate(capsys, "--out", tmp_path / "o", *args)
+        assert rc == 1 and "reached loading" in err
+        return
     rc, _, err = generate(capsys, "--prompt", "x", "--out", tmp_path / "o", *args)
     one_line_error(rc, err, message)
     assert "model sd3.5_medium" not in err          # nothing was loaded
@@ -268,6 +278,7 @@ def test_bad_init_images(cache, capsys, tmp_path, make, message):
     make(path)
     rc, _, err = generate(capsys, "--prompt", "x", "--init-image", path, "--out", tmp_path / "o", *SMALL)
     one_line_error(rc, err, message)
+    assert "model sd3.5_medium" not in err          # checked from the header, before loading
 
 
 def _vocab_edit(change):
