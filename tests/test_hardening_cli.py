@@ -174,11 +174,21 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     assert save_png(image, tmp_path / "000000.png", {"prompt": "x"}) == tmp_path / "000000_1.png"
 
 
-def test_full_disk_message_says_what_to_do():
+@pytest.mark.parametrize("error,message,expected", [
+    (OSError(28, "No space left on device", "/x/000000.png"),
+     "/x/000000.png: No space left on device: free some space or write elsewhere (--out)", True),
+    (PermissionError(13, "Permission denied", "/x"), "/x: Permission denied: check the permissions", True),
+    (torch.OutOfMemoryError("CUDA out of memory"), "out of memory: use a smaller size, --batch-size 1", True),
+    (RuntimeError("CUDA error: an illegal memory access"), "device error: CUDA error", True),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+     "a file is not valid UTF-8 text at byte 0 (invalid start byte)", True),
+    (KeyError("x"), "KeyError: 'x'", False),              # a bug of ours: reported as internal, asking for a report
+])
+def test_error_boundary_messages(error, message, expected):
     from scripts.errors import describe
 
-    message, expected = describe(OSError(28, "No space left on device", "/x/000000.png"))
-    assert expected and message == "/x/000000.png: No space left on device: free some space or write elsewhere (--out)"
+    got, is_expected = describe(error)
+    assert got.startswith(message) and is_expected == expected
 
 
 # -- --reproduce: checked metadata, everything that changes pixels restored -----------------------------------
