@@ -374,13 +374,18 @@ def evaluation_prompts(split: str, per_combination: int = 2, seed: int = 0) -> l
 
 # ---- the dataset folder ----------------------------------------------------------------------------------
 
-def make_sample(index: int, seed: int = 0, size: int = 128) -> tuple[Image.Image, str, dict]:
-    """Sample `index` of the dataset of `seed`: (image, caption, sidecar). Each sample has its own generator,
-    so a dataset of N samples is the first N of any larger one."""
+def training_sample(index: int, seed: int = 0) -> tuple[Scene, Scene, str]:
+    """Sample `index` of the dataset of `seed`: (scene, what its caption names, caption). Each sample has its
+    own generator, so a dataset of N samples is the first N of any larger one."""
     rng = np.random.default_rng([seed, 0, index])
     scene = random_scene(rng)
     named = named_attributes(scene, rng)
-    caption = write_caption(named, rng)
+    return scene, named, write_caption(named, rng)
+
+
+def make_sample(index: int, seed: int = 0, size: int = 128) -> tuple[Image.Image, str, dict]:
+    """(image, caption, sidecar) of training_sample(index, seed)."""
+    scene, named, caption = training_sample(index, seed)
     sidecar = {"caption": caption, "scene": scene.to_dict(), "named": named.to_dict(), "seed": seed,
                "index": index, "size": size}
     return render(scene, size), caption, sidecar
