@@ -24,7 +24,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
 else:
     sys.path.insert(0, str(ROOT))
 
-from training.demo.evaluate import accuracies, evaluate_folder, format_table, write_grid  # noqa: E402
+from training.demo.evaluate import (accuracies, evaluate_folder, format_table, ground_truth_trials,  # noqa: E402
+                                    write_grid)
 from training.demo.shapes import evaluation_prompts  # noqa: E402
 
 
@@ -38,13 +39,31 @@ def main(argv=None) -> int:
     p.add_argument("--grid", type=Path, help="write a grid PNG (green frame: everything asked is right)")
     p.add_argument("--json", type=Path, help="write per-image readings and the accuracy table as JSON")
     p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
+    p.add_argument("--self-test", type=int, metavar="N",
+                   help="the reader's own accuracy on N freshly rendered scenes (no folder needed)")
+    p.add_argument("--size", type=int, default=128, help="with --self-test: image side (default 128)")
+    p.add_argument("--degrade", metavar="BLUR,NOISE,SHIFT",
+                   help="with --self-test: blur radius (px at 128), noise sd, colour shift, e.g. 1,8,15")
+    p.add_argument("--seed", type=int, default=0, help="with --self-test")
     args = p.parse_args(argv)
     if args.prompts:
         for prompt, _ in evaluation_prompts(args.prompts, args.per_combination):
             print(prompt)
         return 0
+    if args.self_test:
+        try:
+            degradation = tuple(float(v) for v in args.degrade.split(",")) if args.degrade else None
+            if degradation is not None and len(degradation) != 3:
+                raise ValueError
+        except ValueError:
+            p.error(f"--degrade takes three numbers BLUR,NOISE,SHIFT, e.g. 1,8,15; got {args.degrade!r}")
+        trials = ground_truth_trials(args.self_test, args.size, args.seed, degradation)
+        print(f"{len(trials)} rendered scenes, {args.size}x{args.size}, "
+              f"{'degraded (blur, noise, shift) = ' + args.degrade if degradation else 'clean'}")
+        print(format_table(accuracies(trials)))
+        return 0
     if args.folder is None:
-        p.error("give a folder of images, or --prompts seen|held_out")
+        p.error("give a folder of images, --prompts seen|held_out, or --self-test N")
     try:
         items, problems = evaluate_folder(args.folder, args.limit)
     except FileNotFoundError as e:

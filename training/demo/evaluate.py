@@ -5,7 +5,7 @@ statistics (numpy and pillow, no learned model), and accuracies over a folder of
     foreground  pixels closer to some object colour than to that measured background colour
     objects     8-connected components of the foreground (run-length union-find), largest first; specks under
                 MIN_AREA of the image are ignored; a component whose core holds two object colours is split
-    colour      median of the component's core (the half of its pixels farthest from the background)
+    colour      median of the component's core (pixels much nearer an object colour than the background)
                 -> nearest COLOURS colour
     size        longest side of the bounding box against the midpoint between the small and large ranges
     position    centre of the bounding box -> nearest POSITIONS anchor
@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
-from .shapes import (BACKGROUNDS, COLOURS, OUTLINES, POSITIONS, SIZES, CaptionError, Scene,
-                     held_out_reasons, parse_caption)
+from .shapes import (BACKGROUNDS, COLOURS, OUTLINES, POSITIONS, SIZES, CaptionError, Scene, held_out_reasons,
+                     parse_caption, random_scene, render)
 
 MIN_AREA = 0.004    # of the image: smaller components are specks (a small triangle covers ~0.022)
 BORDER = 0.03       # of the side: the ring whose median colour is the background
@@ -202,29 +202,33 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
     bg = np.median(ring, axis=0)
     to_bg = ((rgb - bg) ** 2).sum(-1)
     to_colour = ((rgb[:, :, None, :] - _PALETTE) ** 2).sum(-1)   # (H, W, 8)
-    nearest = to_colour.argmin(-1)
-    labels, count = label_components(to_colour.min(-1) < to_bg)
+    nearest, closest = to_colour.argmin(-1), to_colour.min(-1)
+    purity = closest / np.maximum(to_bg, 1e-6)
+    labels, count = label_components(closest < to_bg)
     areas = np.bincount(labels.ravel(), minlength=count + 1)
     objects = []
     for k in np.flatnonzero(areas >= MIN_AREA * h * w):
         if k == 0:
             continue
-        for part in _split_by_colour(labels == k, to_bg, nearest, MIN_AREA * h * w):
-            objects.append(_describe(part, rgb, to_bg, h, w))
+        for part in _split_by_colour(labels == k, purity, nearest, MIN_AREA * h * w):
+            objects.append(_describe(part, rgb, purity, h, w))
     objects.sort(key=lambda o: -o.area)
     return Reading(list(BACKGROUNDS)[_nearest(_BACKGROUNDS, bg)], objects)
 
 
-def _core(mask: np.ndarray, to_bg: np.ndarray) -> np.ndarray:
-    """The half of the component's pixels farthest from the background: its body, not its blended edge."""
-    d = to_bg[mask]
-    return mask & (to_bg >= np.median(d))
+def _core(mask: np.ndarray, purity: np.ndarray) -> np.ndarray:
+    """The component's body, not its blended edge: pixels at most half as far from their nearest object colour
+    as from the background (purity = squared distance ratio < 1/4), or else its purest half."""
+    core = mask & (purity < 0.25)
+    if core.sum() < mask.sum() / 4:
+        core = mask & (purity <= np.median(purity[mask]))
+    return core
 
 
-def _split_by_colour(mask, to_bg, nearest, min_area):
+def _split_by_colour(mask, purity, nearest, min_area):
     """The component, or its parts when its core holds a second object colour on at least a third of it
     (two objects of different colours touching)."""
-    core = _core(mask, to_bg)
+    core = _core(mask, purity)
     counts = np.bincount(nearest[core], minlength=len(_PALETTE))
     first, second = np.argsort(counts)[::-1][:2]
     if counts[second] < max(counts[first] / 2, min_area / 2):
@@ -241,10 +245,10 @@ def _split_by_colour(mask, to_bg, nearest, min_area):
     return parts or [mask]
 
 
-def _describe(mask, rgb, to_bg, h, w) -> Found:
+def _describe(mask, rgb, purity, h, w) -> Found:
     ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
-    colour = list(COLOURS)[_nearest(_PALETTE, np.median(rgb[_core(mask, to_bg)], axis=0))]
+    colour = list(COLOURS)[_nearest(_PALETTE, np.median(rgb[_core(mask, purity)], axis=0))]
     features = _shape_features(mask[y0:y1, x0:x1])
     side = max(x1 - x0, y1 - y0) / min(h, w)
     centre = np.array([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h])
@@ -327,8 +331,9 @@ def evaluate_folder(folder: str | os.PathLike, limit: int | None = None) -> tupl
     return items, problems
 
 
-def accuracies(items: list[Item]) -> dict[str, dict[str, tuple[int, int]]]:
-    """{split: {attribute: (right, asked)}}, with 'all (1 object)' and 'all (2 objects)' in place of 'all'."""
+def accuracies(items) -> dict[str, dict[str, tuple[int, int]]]:
+    """{split: {attribute: (right, asked)}} over Items (or Trials), with 'all (1 object)' and 'all (2 objects)'
+    in place of 'all'."""
     table = {}
     for it in items:
         row = table.setdefault(it.split, {})
@@ -372,3 +377,39 @@ def write_grid(items: list[Item], path: str | os.PathLike, columns: int = 8, til
     grid.save(tmp, format="PNG")
     os.replace(tmp, path)
     return path
+
+
+# ---- the reader's own accuracy -------------------------------------------------------------------------
+
+def degrade(image: Image.Image, rng: np.random.Generator, blur: float = 1.0, noise: float = 8.0,
+            shift: float = 15.0) -> Image.Image:
+    """A clean scene as a decoder might return it: Gaussian blur (radius `blur` px at 128 px, scaled with the
+    size), per-channel gain within +-8% and offset within +-shift, Gaussian noise of sd `noise` (0-255 scale)."""
+    image = image.filter(ImageFilter.GaussianBlur(blur * image.width / 128))
+    a = np.asarray(image, np.float32)
+    a = a * rng.uniform(0.92, 1.08, 3) + rng.uniform(-shift, shift, 3) + rng.normal(0, noise, a.shape)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+
+
+@dataclass
+class Trial:
+    truth: Scene
+    split: str
+    reading: Reading
+    scores: dict
+
+
+def ground_truth_trials(n: int = 300, size: int = 128, seed: int = 0,
+                        degradation: tuple[float, float, float] | None = None) -> list[Trial]:
+    """The reader on n rendered scenes (any combination, held-out ones included), optionally degraded."""
+    rng = np.random.default_rng([seed, 3])
+    trials = []
+    for _ in range(n):
+        truth = random_scene(rng, accept=lambda s: True)
+        image = render(truth, size)
+        if degradation:
+            image = degrade(image, rng, *degradation)
+        reading = read_image(image)
+        trials.append(Trial(truth, "held_out" if held_out_reasons(truth) else "seen", reading,
+                            score(reading, truth)))
+    return trials
