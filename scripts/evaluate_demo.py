@@ -24,6 +24,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
 else:
     sys.path.insert(0, str(ROOT))
 
+from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 from training.demo.evaluate import (accuracies, evaluate_folder, format_table, ground_truth_trials,  # noqa: E402
                                     write_grid)
 from training.demo.shapes import evaluation_prompts  # noqa: E402
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--degrade", metavar="BLUR,NOISE,SHIFT",
                    help="with --self-test: blur radius (px at 128), noise sd, colour shift, e.g. 1,8,15")
     p.add_argument("--seed", type=int, default=0, help="with --self-test")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if args.prompts:
         for prompt, _ in evaluation_prompts(args.prompts, args.per_combination):
@@ -64,10 +66,7 @@ def main(argv=None) -> int:
         return 0
     if args.folder is None:
         p.error("give a folder of images, --prompts seen|held_out, or --self-test N")
-    try:
-        items, problems = evaluate_folder(args.folder, args.limit)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+    items, problems = evaluate_folder(args.folder, args.limit)
     for line in problems:
         print(f"skipped {line}", file=sys.stderr)
     if not items:
@@ -93,4 +92,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

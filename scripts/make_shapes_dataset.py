@@ -20,6 +20,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
 else:
     sys.path.insert(0, str(ROOT))
 
+from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 from training.demo.shapes import HELD_OUT, vocabulary, write_dataset  # noqa: E402
 
 
@@ -29,16 +30,14 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=20000, help="number of images (default 20000)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
+    add_debug_flag(p)
     args = p.parse_args(argv)
     start = time.perf_counter()
 
     def progress(done):
         if done % 1000 == 0 or done == args.count:
             print(f"\r{done}/{args.count} images, {time.perf_counter() - start:.0f} s", end="", file=sys.stderr)
-    try:
-        out = write_dataset(args.out_dir, args.count, args.size, args.seed, progress=progress)
-    except (ValueError, FileExistsError) as e:
-        raise SystemExit(f"error: {e}") from None
+    out = write_dataset(args.out_dir, args.count, args.size, args.seed, progress=progress)
     print(file=sys.stderr)
     print(vocabulary(), file=sys.stderr)
     print(f"held out: {len(HELD_OUT.colour_shape)} colour x shape, {len(HELD_OUT.colour_background)} colour x "
@@ -48,4 +47,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

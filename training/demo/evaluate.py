@@ -300,14 +300,16 @@ def truth_of(path: Path) -> tuple[str, Scene]:
     if sidecar.is_file():
         d = json.loads(sidecar.read_text(encoding="utf-8"))
         return d["caption"], Scene.from_dict(d["scene"])
-    from sampling.io import METADATA_KEY  # the key generate.py writes; sampling is below training
+    from sampling.metadata import METADATA_KEY, read_png_metadata  # what generate.py writes (sampling < training)
     with Image.open(path) as im:
-        text = getattr(im, "text", {}).get(METADATA_KEY)
-    if text is not None:
-        prompt = json.loads(text).get("prompt")
+        stored = METADATA_KEY in getattr(im, "text", {})
+    if stored:
+        prompt = read_png_metadata(path).get("prompt")
     elif path.with_suffix(".txt").is_file():
         prompt = path.with_suffix(".txt").read_text(encoding="utf-8").strip()
     else:
+        prompt = None
+    if not isinstance(prompt, str):
         raise CaptionError(f"{path}: no prompt (no {path.stem}.json, no generate.py metadata, no {path.stem}.txt)")
     return prompt, parse_caption(prompt)
 
@@ -323,7 +325,7 @@ def evaluate_folder(folder: str | os.PathLike, limit: int | None = None) -> tupl
             prompt, truth = truth_of(path)
             with Image.open(path) as im:
                 reading = read_image(im)
-        except (CaptionError, OSError, json.JSONDecodeError, KeyError) as e:
+        except (ValueError, OSError, KeyError, TypeError) as e:  # CaptionError, MetadataError, bad JSON: ValueErrors
             problems.append(f"{path.name}: {e}")
             continue
         split = "held_out" if held_out_reasons(truth) else "seen"
