@@ -27,7 +27,7 @@ else:
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 from training.demo.evaluate import (accuracies, evaluate_folder, format_table, ground_truth_trials,  # noqa: E402
                                     write_grid)
-from training.demo.shapes import evaluation_prompts  # noqa: E402
+from training.demo.shapes import NEW_SHAPES, SHAPES, evaluation_prompts  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     p.add_argument("--grid", type=Path, help="write a grid PNG (green frame: everything asked is right)")
     p.add_argument("--json", type=Path, help="write per-image readings and the accuracy table as JSON")
     p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
+    p.add_argument("--new-shapes", action="store_true",
+                   help=f"also accept and read {', '.join(NEW_SHAPES)} (the word a LoRA teaches; not in the dataset)")
     p.add_argument("--self-test", type=int, metavar="N",
                    help="the reader's own accuracy on N freshly rendered scenes (no folder needed)")
     p.add_argument("--size", type=int, default=128, help="with --self-test: image side (default 128)")
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
         for prompt, _ in evaluation_prompts(args.prompts, args.per_combination):
             print(prompt)
         return 0
+    shapes = SHAPES + NEW_SHAPES if args.new_shapes else SHAPES
     if args.self_test:
         try:
             degradation = tuple(float(v) for v in args.degrade.split(",")) if args.degrade else None
@@ -59,14 +62,14 @@ def main(argv=None) -> int:
                 raise ValueError
         except ValueError:
             p.error(f"--degrade takes three numbers BLUR,NOISE,SHIFT, e.g. 1,8,15; got {args.degrade!r}")
-        trials = ground_truth_trials(args.self_test, args.size, args.seed, degradation)
+        trials = ground_truth_trials(args.self_test, args.size, args.seed, degradation, shapes)
         print(f"{len(trials)} rendered scenes, {args.size}x{args.size}, "
               f"{'degraded (blur, noise, shift) = ' + args.degrade if degradation else 'clean'}")
         print(format_table(accuracies(trials)))
         return 0
     if args.folder is None:
         p.error("give a folder of images, --prompts seen|held_out, or --self-test N")
-    items, problems = evaluate_folder(args.folder, args.limit)
+    items, problems = evaluate_folder(args.folder, args.limit, shapes)
     for line in problems:
         print(f"skipped {line}", file=sys.stderr)
     if not items:

@@ -143,6 +143,15 @@ def test_parse_caption_refuses_what_is_outside_the_grammar(caption, message):
         sh.parse_caption(caption)
 
 
+def test_the_new_shape_word_is_known_only_when_asked_for():
+    with pytest.raises(sh.CaptionError, match="'heart' not in the demo vocabulary"):
+        sh.parse_caption("a small red heart on the left")
+    assert sh.parse_caption("a small red heart on the left", sh.SHAPES + sh.NEW_SHAPES) == Scene(
+        None, (Obj("heart", "red", "small", "left"),))
+    assert "heart" not in sh.SHAPES and all(o.shape != "heart" for i in range(300)
+                                            for o in sh.training_sample(i, 0)[0].objects)
+
+
 def test_evaluation_prompts_cover_each_held_out_combination_and_parse_back():
     held = sh.evaluation_prompts("held_out", per_combination=2)
     seen = sh.evaluation_prompts("seen", per_combination=2)
@@ -176,6 +185,17 @@ def test_reader_on_degraded_scenes():
     acc = rates(ev.ground_truth_trials(150, size=128, seed=1, degradation=(1.0, 8.0, 15.0)))
     print("degraded (blur 1 px, noise sd 8, shift 15), 150 scenes:", {a: round(v, 4) for a, v in acc.items()})
     assert all(v >= 0.95 for v in acc.values()), acc
+
+
+def test_reader_with_the_new_shape():
+    """With shapes=SHAPES + NEW_SHAPES (a LoRA's evaluation) hearts are read, and the other shapes still are."""
+    trials = ev.ground_truth_trials(100, size=128, seed=4, shapes=sh.SHAPES + sh.NEW_SHAPES)
+    acc = rates(trials)
+    assert all(v >= 0.98 for v in acc.values()), acc
+    hearts = [(o.shape, t.scores["shape"]) for t in trials for o in t.truth.objects if o.shape == "heart"]
+    assert len(hearts) >= 10
+    plain = ev.read_image(sh.render(Scene("white", (Obj("heart", "red", "large", "centre", box=(.5, .5, .38)),))))
+    assert plain.objects[0].shape == "circle"  # without the new word the reader answers from the base six
 
 
 def test_reader_at_other_resolutions():

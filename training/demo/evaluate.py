@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .shapes import (BACKGROUNDS, COLOURS, OUTLINES, POSITIONS, SIZES, CaptionError, Scene, held_out_reasons,
-                     parse_caption, random_scene, render)
+from .shapes import (BACKGROUNDS, COLOURS, OUTLINES, POSITIONS, SHAPES, SIZES, CaptionError, Scene,
+                     held_out_reasons, parse_caption, random_scene, render)
 
 MIN_AREA = 0.004    # of the image: smaller components are specks (a small triangle covers ~0.022)
 BORDER = 0.03       # of the side: the ring whose median colour is the background
@@ -53,6 +53,7 @@ _BACKGROUNDS = np.array(list(BACKGROUNDS.values()), dtype=np.float32)
 # diamond      .5    1         .5    0     .16   0
 # star         .38   .56       .55   0     0     .35
 # cross        .62   .76       .5    0     .21   0
+# heart        .61   .92       .38   .20   .01   .07   (NEW_SHAPES: only when asked for)
 FEATURES = ("fill", "solidity", "drop", "a3", "a4", "a5")
 FEATURE_SCALE = (0.08, 0.08, 0.04, 0.05, 0.05, 0.05)  # a difference this large counts 1 in the distance
 ANGLE_SECTORS = 48
@@ -187,13 +188,14 @@ def _shape_features(mask: np.ndarray) -> tuple[float, ...]:
             *radial_harmonics(xs.astype(float), ys.astype(float), cx, cy))
 
 
-def classify_shape(features) -> str:
-    return min(PROTOTYPES, key=lambda s: sum(((f - p) / k) ** 2
+def classify_shape(features, shapes: tuple[str, ...] = SHAPES) -> str:
+    return min(shapes, key=lambda s: sum(((f - p) / k) ** 2
                                             for f, p, k in zip(features, PROTOTYPES[s], FEATURE_SCALE)))
 
 
-def read_image(image: Image.Image | np.ndarray) -> Reading:
-    """What the image shows: its background colour and objects, each with colour, shape, size and position."""
+def read_image(image: Image.Image | np.ndarray, shapes: tuple[str, ...] = SHAPES) -> Reading:
+    """What the image shows: its background colour and objects, each with colour, shape (one of `shapes`),
+    size and position."""
     rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     h, w, _ = rgb.shape
     b = max(1, round(BORDER * min(h, w)))
@@ -211,7 +213,7 @@ def read_image(image: Image.Image | np.ndarray) -> Reading:
         if k == 0:
             continue
         for part in _split_by_colour(labels == k, purity, nearest, MIN_AREA * h * w):
-            objects.append(_describe(part, rgb, purity, h, w))
+            objects.append(_describe(part, rgb, purity, h, w, shapes))
     objects.sort(key=lambda o: -o.area)
     return Reading(list(BACKGROUNDS)[_nearest(_BACKGROUNDS, bg)], objects)
 
@@ -245,7 +247,7 @@ def _split_by_colour(mask, purity, nearest, min_area):
     return parts or [mask]
 
 
-def _describe(mask, rgb, purity, h, w) -> Found:
+def _describe(mask, rgb, purity, h, w, shapes) -> Found:
     ys, xs = np.nonzero(mask)
     x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
     colour = list(COLOURS)[_nearest(_PALETTE, np.median(rgb[_core(mask, purity)], axis=0))]
@@ -253,7 +255,7 @@ def _describe(mask, rgb, purity, h, w) -> Found:
     side = max(x1 - x0, y1 - y0) / min(h, w)
     centre = np.array([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h])
     position = min(POSITIONS, key=lambda p: float(((centre - POSITIONS[p]) ** 2).sum()))
-    return Found(colour, classify_shape(features), "large" if side > SIZE_SPLIT else "small", position,
+    return Found(colour, classify_shape(features, shapes), "large" if side > SIZE_SPLIT else "small", position,
                  len(ys) / (h * w), (x0, y0, x1, y1), tuple(round(f, 3) for f in features))
 
 
@@ -284,16 +286,22 @@ def score(reading: Reading, truth: Scene) -> dict[str, tuple[int, int]]:
 
 
 @dataclass
-class Item:
-    path: Path
-    prompt: str
+class Trial:
+    """One image judged: the truth it is judged against, 'seen' or 'held_out', what was read, score()."""
     truth: Scene
-    split: str        # 'seen' or 'held_out'
+    split: str
     reading: Reading
     scores: dict
 
 
-def truth_of(path: Path) -> tuple[str, Scene]:
+@dataclass
+class Item(Trial):
+    """A judged image file."""
+    path: Path = None
+    prompt: str = ""
+
+
+def truth_of(path: Path, shapes: tuple[str, ...] = SHAPES) -> tuple[str, Scene]:
     """(prompt, ground truth) of an image: the dataset's sidecar name.json (the full scene), else the prompt in
     the PNG metadata of scripts/generate.py, else the caption in name.txt, parsed by the dataset's grammar."""
     sidecar = path.with_suffix(".json")
@@ -311,31 +319,32 @@ def truth_of(path: Path) -> tuple[str, Scene]:
         prompt = None
     if not isinstance(prompt, str):
         raise CaptionError(f"{path}: no prompt (no {path.stem}.json, no generate.py metadata, no {path.stem}.txt)")
-    return prompt, parse_caption(prompt)
+    return prompt, parse_caption(prompt, shapes)
 
 
-def evaluate_folder(folder: str | os.PathLike, limit: int | None = None) -> tuple[list[Item], list[str]]:
-    """Every PNG of a folder read and scored -> (items, problems: one line per image that could not be used)."""
+def evaluate_folder(folder: str | os.PathLike, limit: int | None = None,
+                    shapes: tuple[str, ...] = SHAPES) -> tuple[list[Item], list[str]]:
+    """Every PNG of a folder read and scored -> (items, problems: one line per image that could not be used).
+    `shapes`: the shape words prompts may use and the reader may answer (add NEW_SHAPES for a LoRA's word)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
     items, problems = [], []
     for path in sorted(folder.glob("*.png"))[:limit]:
         try:
-            prompt, truth = truth_of(path)
+            prompt, truth = truth_of(path, shapes)
             with Image.open(path) as im:
-                reading = read_image(im)
+                reading = read_image(im, shapes)
         except (ValueError, OSError, KeyError, TypeError) as e:  # CaptionError, MetadataError, bad JSON: ValueErrors
             problems.append(f"{path.name}: {e}")
             continue
         split = "held_out" if held_out_reasons(truth) else "seen"
-        items.append(Item(path, prompt, truth, split, reading, score(reading, truth)))
+        items.append(Item(truth, split, reading, score(reading, truth), path=path, prompt=prompt))
     return items, problems
 
 
-def accuracies(items) -> dict[str, dict[str, tuple[int, int]]]:
-    """{split: {attribute: (right, asked)}} over Items (or Trials), with 'all (1 object)' and 'all (2 objects)'
-    in place of 'all'."""
+def accuracies(items: list[Trial]) -> dict[str, dict[str, tuple[int, int]]]:
+    """{split: {attribute: (right, asked)}}, with 'all (1 object)' and 'all (2 objects)' in place of 'all'."""
     table = {}
     for it in items:
         row = table.setdefault(it.split, {})
@@ -393,25 +402,18 @@ def degrade(image: Image.Image, rng: np.random.Generator, blur: float = 1.0, noi
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
 
-@dataclass
-class Trial:
-    truth: Scene
-    split: str
-    reading: Reading
-    scores: dict
-
-
 def ground_truth_trials(n: int = 300, size: int = 128, seed: int = 0,
-                        degradation: tuple[float, float, float] | None = None) -> list[Trial]:
+                        degradation: tuple[float, float, float] | None = None,
+                        shapes: tuple[str, ...] = SHAPES) -> list[Trial]:
     """The reader on n rendered scenes (any combination, held-out ones included), optionally degraded."""
     rng = np.random.default_rng([seed, 3])
     trials = []
     for _ in range(n):
-        truth = random_scene(rng, accept=lambda s: True)
+        truth = random_scene(rng, accept=lambda s: True, shapes=shapes)
         image = render(truth, size)
         if degradation:
             image = degrade(image, rng, *degradation)
-        reading = read_image(image)
+        reading = read_image(image, shapes)
         trials.append(Trial(truth, "held_out" if held_out_reasons(truth) else "seen", reading,
                             score(reading, truth)))
     return trials

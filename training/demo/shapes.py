@@ -13,7 +13,8 @@ any caption of this grammar back into the attributes it names: the evaluator get
 
 HELD_OUT lists colour x shape pairs, colour x background pairs and two-object shape pairings that no training
 image shows (so no caption names them either); `evaluation_prompts("held_out")` asks for exactly those: the test
-of compositional prompt-following. "heart" is deliberately no shape here: it is the word a LoRA teaches later.
+of compositional prompt-following. "heart" (NEW_SHAPES) is never in the dataset: it is the word a LoRA teaches
+later; render, parse_caption and the reader know it only when asked (`shapes=SHAPES + NEW_SHAPES`).
 
 Geometry is in fractions of the image side, so any resolution works; at the demo's 128x128 a small object is
 27-35 px (3-4 latent cells of the 8x VAE) and a large one 45-52 px (6-7 cells).
@@ -34,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
+NEW_SHAPES = ("heart",)  # drawn and read, never in the dataset: the word a LoRA teaches the demo model later
 COLOURS = {  # RGB; the closest pair (orange/yellow) is 91 apart, every colour >= 100 from every background
     "red": (215, 25, 35), "orange": (250, 130, 10), "yellow": (240, 220, 20), "green": (30, 160, 50),
     "teal": (0, 165, 165), "blue": (30, 70, 220), "purple": (135, 45, 195), "pink": (250, 115, 185),
@@ -122,7 +124,8 @@ def place(obj: Obj, n_objects: int, rng: np.random.Generator) -> Obj:
 
 
 def random_scene(rng: np.random.Generator, n_objects: int | None = None,
-                 accept: Callable[[Scene], bool] = lambda s: not held_out_reasons(s)) -> Scene:
+                 accept: Callable[[Scene], bool] = lambda s: not held_out_reasons(s),
+                 shapes: tuple[str, ...] = SHAPES) -> Scene:
     """A scene with every attribute and box set, drawn until `accept` (default: no held-out combination)."""
     while True:
         n = n_objects or (2 if rng.random() < TWO_OBJECT_SHARE else 1)
@@ -131,7 +134,7 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None,
         else:
             positions = _pick(rng, [("left", "right"), ("top", "bottom")])
             positions = positions if rng.random() < 0.5 else positions[::-1]
-        objs = tuple(place(Obj(_pick(rng, SHAPES), _pick(rng, COLOURS), _pick(rng, SIZES), p), n, rng)
+        objs = tuple(place(Obj(_pick(rng, shapes), _pick(rng, COLOURS), _pick(rng, SIZES), p), n, rng)
                      for p in positions)
         scene = Scene(_pick(rng, BACKGROUNDS), objs)
         if accept(scene):
@@ -139,7 +142,8 @@ def random_scene(rng: np.random.Generator, n_objects: int | None = None,
 
 
 def _outline(shape: str) -> list[tuple[float, float]]:
-    """Polygon of an upright shape in its unit box (x right, y down), touching all four sides (star: three)."""
+    """Polygon of an upright shape in its unit box (x right, y down), touching all four sides (star and heart,
+    wider than tall: left, right and top/bottom, centred)."""
     if shape == "square":
         return [(0, 0), (1, 0), (1, 1), (0, 1)]
     if shape == "triangle":
@@ -152,14 +156,18 @@ def _outline(shape: str) -> list[tuple[float, float]]:
     if shape == "star":  # five points, inner radius 0.45 of the outer (fatter than the classic 0.38: reads at 3 cells)
         pts = [(r * math.sin(k * math.pi / 5), -r * math.cos(k * math.pi / 5))
                for k, r in zip(range(10), [1.0, 0.45] * 5)]
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-        scale = max(max(xs) - min(xs), max(ys) - min(ys))  # keep the aspect; centre in the box
-        ox, oy = (1 - (max(xs) - min(xs)) / scale) / 2, (1 - (max(ys) - min(ys)) / scale) / 2
-        return [(ox + (x - min(xs)) / scale, oy + (y - min(ys)) / scale) for x, y in pts]
-    raise ValueError(f"unknown shape {shape!r}; the demo draws {', '.join(SHAPES)}")
+    elif shape == "heart":  # the classic parametric heart, point down
+        pts = [(16 * math.sin(t) ** 3, -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t)
+                                          - math.cos(4 * t))) for t in (2 * math.pi * k / 120 for k in range(120))]
+    else:
+        raise ValueError(f"unknown shape {shape!r}; the demo draws {', '.join(SHAPES + NEW_SHAPES)}")
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    scale = max(max(xs) - min(xs), max(ys) - min(ys))  # keep the aspect; centre in the box
+    ox, oy = (1 - (max(xs) - min(xs)) / scale) / 2, (1 - (max(ys) - min(ys)) / scale) / 2
+    return [(ox + (x - min(xs)) / scale, oy + (y - min(ys)) / scale) for x, y in pts]
 
 
-OUTLINES = {s: _outline(s) for s in SHAPES if s != "circle"}
+OUTLINES = {s: _outline(s) for s in SHAPES + NEW_SHAPES if s != "circle"}
 
 
 def render(scene: Scene, size: int = 128, supersample: int = 4) -> Image.Image:
@@ -180,7 +188,7 @@ def render(scene: Scene, size: int = 128, supersample: int = 4) -> Image.Image:
 
 # ---- captions --------------------------------------------------------------------------------------------
 
-SHAPE_WORDS = {s: (s,) for s in SHAPES} | {"circle": ("circle", "disk")}
+SHAPE_WORDS = {s: (s,) for s in SHAPES + NEW_SHAPES} | {"circle": ("circle", "disk")}
 UNNAMED_SHAPE = ("shape", "object")
 SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
 BACKGROUND_WORDS = {b: (b,) for b in BACKGROUNDS} | {"gray": ("gray", "grey")}
@@ -306,14 +314,19 @@ def vocabulary() -> str:
                       f"positions: {', '.join(POSITIONS)} (or one object left of / right of / above / below another)"])
 
 
-def parse_caption(text: str) -> Scene:
+def parse_caption(text: str, shapes: tuple[str, ...] = SHAPES) -> Scene:
     """The attributes a caption of the dataset's grammar names (None for those it leaves out).
 
     Colour and size words belong to the next shape word (or the last, in tags like 'red circle, small');
     position words to the previous shape word (or the next: 'on the left, a red circle'); a relation
-    ('left of', 'above', ...) sets the positions of the shapes on either side of it."""
+    ('left of', 'above', ...) sets the positions of the shapes on either side of it. Shape words outside
+    `shapes` ('heart' unless asked for) are refused like any word outside the vocabulary."""
     words = re.findall(r"[a-z]+", text.lower())
-    unknown = sorted({w for w in words if w not in LEXICON and w not in FILLER})
+
+    def known(w):
+        kind, value = LEXICON.get(w, (None, None))
+        return w in FILLER or (kind is not None and (kind != "shape" or value is None or value in shapes))
+    unknown = sorted({w for w in words if not known(w)})
     if unknown:
         raise CaptionError(f"{text!r}: {', '.join(map(repr, unknown))} not in the demo vocabulary "
                            f"({vocabulary().replace(chr(10), '; ')})")
