@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=128, help="with --self-test: image side (default 128)")
     p.add_argument("--degrade", metavar="BLUR,NOISE,SHIFT",
                    help="with --self-test: blur radius (px at 128), noise sd, colour shift, e.g. 1,8,15")
+    p.add_argument("--thumbnail", type=int, metavar="CELLS",
+                   help="with --self-test: squeeze each scene through a CELLS x CELLS RGB image first")
     p.add_argument("--seed", type=int, default=0, help="with --self-test")
     add_debug_flag(p)
     args = p.parse_args(argv)
@@ -62,8 +64,9 @@ def main(argv=None) -> int:
                 raise ValueError
         except ValueError:
             p.error(f"--degrade takes three numbers BLUR,NOISE,SHIFT, e.g. 1,8,15; got {args.degrade!r}")
-        trials = ground_truth_trials(args.self_test, args.size, args.seed, degradation, shapes)
+        trials = ground_truth_trials(args.self_test, args.size, args.seed, degradation, shapes, args.thumbnail)
         print(f"{len(trials)} rendered scenes, {args.size}x{args.size}, "
+              f"{f'through a {args.thumbnail}x{args.thumbnail} thumbnail, ' if args.thumbnail else ''}"
               f"{'degraded (blur, noise, shift) = ' + args.degrade if degradation else 'clean'}")
         print(format_table(accuracies(trials)))
         return 0

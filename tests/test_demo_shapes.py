@@ -278,5 +278,7 @@ def test_scripts_make_a_dataset_and_evaluate_it(tmp_path):
     assert len(report["images"]) == 16 and (tmp_path / "g.png").is_file()
     prompts = run("scripts/evaluate_demo.py", "--prompts", "held_out", "--per-combination", 1)
     assert prompts.stdout.splitlines() == [p for p, _ in sh.evaluation_prompts("held_out", 1)]
+    squeezed = run("scripts/evaluate_demo.py", "--self-test", 4, "--thumbnail", 32, "--degrade", "1,8,15")
+    assert squeezed.returncode == 0 and "through a 32x32 thumbnail" in squeezed.stdout, squeezed.stderr
     missing = run("scripts/evaluate_demo.py", tmp_path / "nowhere")
     assert missing.returncode != 0 and "no such folder" in missing.stderr

@@ -404,13 +404,17 @@ def degrade(image: Image.Image, rng: np.random.Generator, blur: float = 1.0, noi
 
 def ground_truth_trials(n: int = 300, size: int = 128, seed: int = 0,
                         degradation: tuple[float, float, float] | None = None,
-                        shapes: tuple[str, ...] = SHAPES) -> list[Trial]:
-    """The reader on n rendered scenes (any combination, held-out ones included), optionally degraded."""
+                        shapes: tuple[str, ...] = SHAPES, thumbnail: int | None = None) -> list[Trial]:
+    """The reader on n rendered scenes (any combination, held-out ones included), optionally degraded, or
+    squeezed through a thumbnail x thumbnail RGB image (box down, bicubic up): how much a grid that coarse can
+    carry (an 8x VAE's latent grid is size/8 cells, with 16 channels instead of 3)."""
     rng = np.random.default_rng([seed, 3])
     trials = []
     for _ in range(n):
         truth = random_scene(rng, accept=lambda s: True, shapes=shapes)
         image = render(truth, size)
+        if thumbnail:
+            image = image.resize((thumbnail, thumbnail), Image.BOX).resize((size, size), Image.BICUBIC)
         if degradation:
             image = degrade(image, rng, *degradation)
         reading = read_image(image, shapes)
