@@ -74,7 +74,7 @@ def test_cache_matches_encoders_is_reused_and_invalidated(tmp_path):
     messages = []
     folder = build_cache(examples, files, tmp_path / "run", CacheOptions(flip=True), log=messages.append)
     ds = CachedDataset(folder)
-    assert len(ds) == 3 and len(ds.index["captions"]) == 2            # text stored once per unique caption
+    assert len(ds) == 3 and len(ds.index["captions"]) == 3            # once per unique caption, and ""
     x0, context, pooled = ds.batch([0, 2], [False, True])
     assert x0.dtype == torch.float16 and x0.shape == (2, 16, 8, 8)
     # the cached values are the encoders' outputs (within fp16 rounding)

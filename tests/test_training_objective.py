@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from training.objective import (ConditioningLayout, Objective, drop_captions, flow_matching_loss, loss_weight,
+from training.objective import (ConditioningLayout, Objective, draw, drop_captions, flow_matching_loss, loss_weight,
                                 resolution_shift, sample_sigmas, sample_u)
 
 training_utils = pytest.importorskip("diffusers.training_utils")
@@ -56,8 +56,8 @@ def test_loss_is_the_rectified_flow_formula():
 
     x0 = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     obj = Objective(weighting="cosmap")
-    loss = flow_matching_loss(Probe(), obj, x0, torch.zeros(3, 5, 8), torch.zeros(3, 4),
-                              torch.Generator().manual_seed(5))
+    d = draw(obj, Probe.config, x0.shape, torch.Generator().manual_seed(5))
+    loss = flow_matching_loss(Probe(), obj, x0, torch.zeros(3, 5, 8), torch.zeros(3, 4), d)
     g = torch.Generator().manual_seed(5)
     sigmas = sample_sigmas(obj, 3, (64, 64), g)
     noise = torch.randn(x0.shape, generator=g)

@@ -53,8 +53,9 @@ def _file_identity(path: Path | None) -> str:
     return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def cache_key(examples: list[Example], files: ModelFiles, options: CacheOptions) -> str:
-    h = hashlib.sha256(json.dumps({"version": VERSION, "options": asdict(options)}, sort_keys=True).encode())
+def cache_key(examples: list[Example], files: ModelFiles, options: CacheOptions, prompts=()) -> str:
+    h = hashlib.sha256(json.dumps({"version": VERSION, "options": asdict(options), "prompts": list(prompts)},
+                                  sort_keys=True).encode())
     for f in (files.model, files.vae, files.clip_l, files.clip_g, files.t5):
         h.update(_file_identity(f).encode())
     for ex in examples:
@@ -64,17 +65,18 @@ def cache_key(examples: list[Example], files: ModelFiles, options: CacheOptions)
 
 
 def build_cache(examples: list[Example], files: ModelFiles, run_dir: str | Path, options: CacheOptions = CacheOptions(),
-                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, log=print) -> Path:
-    """The cache directory for these examples (built unless an identical one exists)."""
-    folder = Path(run_dir) / "cache" / cache_key(examples, files, options)
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, prompts=(), log=print) -> Path:
+    """The cache directory for these examples (built unless an identical one exists). `prompts`: extra texts
+    to encode (validation prompts; the empty prompt is always there, for guidance)."""
+    folder = Path(run_dir) / "cache" / cache_key(examples, files, options, prompts)
     if (folder / "index.json").is_file():
         log(f"cache: reusing {folder}")
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    captions = sorted({ex.caption for ex in examples})
+    captions = sorted({ex.caption for ex in examples} | set(prompts) | {""})
     caption_index = {c: j for j, c in enumerate(captions)}
 
-    log(f"cache: encoding {len(captions)} unique captions")
+    log(f"cache: encoding {len(captions)} unique captions and prompts")
     text = encoders.TextConditioner.from_files(
         clip_l=files.clip_l, clip_g=files.clip_g, t5=files.t5, tokenizer_l=files.tokenizer_l,
         tokenizer_g=files.tokenizer_g, tokenizer_t5=files.tokenizer_t5, device=device, dtype=dtype)
@@ -131,7 +133,7 @@ class CachedDataset:
         folder = Path(folder)
         self.index = json.loads((folder / "index.json").read_text())
         self.latents = open_safetensors(folder / "latents.safetensors")
-        self.text = open_safetensors(folder / "text.safetensors")
+        self.text_file = open_safetensors(folder / "text.safetensors")
         self.flip = self.index["flip"]
         self.layout = ConditioningLayout(**self.index["layout"])
         self.buckets: dict[tuple[int, int], list[int]] = {}
@@ -141,10 +143,18 @@ class CachedDataset:
     def __len__(self) -> int:
         return len(self.index["examples"])
 
+    def text(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(context (1, L, 4096), pooled (1, 2048)) of a cached caption or prompt."""
+        try:
+            j = self.index["captions"].index(prompt)
+        except ValueError:
+            raise KeyError(f"prompt {prompt!r} is not in the cache (pass it when building the cache)") from None
+        return self.text_file.tensor(f"context.{j}")[None], self.text_file.tensor(f"pooled.{j}")[None]
+
     def batch(self, indices: list[int], flips: list[bool] | None = None):
         flips = flips or [False] * len(indices)
         caps = [self.index["examples"][i]["caption"] for i in indices]
         x0 = torch.stack([self.latents.tensor(f"{i}.flip" if f else str(i)) for i, f in zip(indices, flips)])
-        context = torch.stack([self.text.tensor(f"context.{j}") for j in caps])
-        pooled = torch.stack([self.text.tensor(f"pooled.{j}") for j in caps])
+        context = torch.stack([self.text_file.tensor(f"context.{j}") for j in caps])
+        pooled = torch.stack([self.text_file.tensor(f"pooled.{j}") for j in caps])
         return x0, context, pooled

@@ -88,18 +88,33 @@ def random_pos_offset(model_config, latent_hw: tuple[int, int], generator: torch
     return top, left
 
 
+@dataclass
+class Draw:
+    """The randomness of one training batch: noise levels, noise, positional-crop offset (None: center)."""
+    sigmas: torch.Tensor                   # (B,)
+    noise: torch.Tensor                    # like x0
+    offset: tuple[int, int] | None
+
+    def shard(self, start: int, stop: int) -> "Draw":
+        return Draw(self.sigmas[start:stop], self.noise[start:stop], self.offset)
+
+
+def draw(objective: Objective, model_config, x0_shape, generator: torch.Generator | None = None) -> Draw:
+    """Sigmas, noise and the crop for a batch of latents of `x0_shape`, from `generator` (a CPU generator, so a
+    seed gives the same batch on every device and every number of processes)."""
+    B, _, h, w = x0_shape
+    sigmas = sample_sigmas(objective, B, (8 * h, 8 * w), generator)
+    noise = torch.randn(tuple(x0_shape), generator=generator)
+    offset = random_pos_offset(model_config, (h, w), generator) if objective.random_pos_crop else None
+    return Draw(sigmas, noise, offset)
+
+
 def flow_matching_loss(model, objective: Objective, x0: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """One training loss on a batch of model-space latents x0 (B, C, h, w) with their conditioning.
-    Noise, sigmas and the positional crop are drawn from `generator` (on the CPU: reproducible everywhere)."""
-    B = x0.shape[0]
-    sigmas = sample_sigmas(objective, B, (8 * x0.shape[-2], 8 * x0.shape[-1]), generator)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, torch.float32)
-    config = getattr(model, "module", model).config  # DDP wraps the model
-    offset = random_pos_offset(config, x0.shape[-2:], generator) if objective.random_pos_crop else None
-    sigmas = sigmas.to(x0.device)
+                       d: Draw) -> torch.Tensor:
+    """The weighted mean squared velocity error of `model` on model-space latents x0 (B, C, h, w)."""
     x0 = x0.float()
-    pred = model(noisy_latent(x0, noise, sigmas), sigmas * 1000, context, y, pos_offset=offset)
+    sigmas, noise = d.sigmas.to(x0.device), d.noise.to(x0.device)
+    pred = model(noisy_latent(x0, noise, sigmas), sigmas * 1000, context, y, pos_offset=d.offset)
     per_sample = F.mse_loss(pred.float(), noise - x0, reduction="none").flatten(1).mean(1)
     return (loss_weight(objective.weighting, sigmas) * per_sample).mean()
 
