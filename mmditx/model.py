@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import JointBlock
 from .config import MMDiTXConfig
@@ -36,6 +37,8 @@ class MMDiTX(nn.Module):
     # Set by mmditx.streaming.stream_weights when weights stay stored (fp16, CPU) and compute happens elsewhere.
     compute_dtype: torch.dtype | None = None
     compute_device: torch.device | None = None
+    # Training: recompute each joint block in the backward pass instead of keeping its activations.
+    gradient_checkpointing: bool = False
 
     def __init__(self, config: MMDiTXConfig):
         super().__init__()
@@ -55,10 +58,13 @@ class MMDiTX(nn.Module):
         self.final_layer = FinalLayer(D, cfg.patch_size, cfg.out_channels)
 
     # -- positions -------------------------------------------------------------------------------------
-    def cropped_pos_embed(self, h: int, w: int) -> torch.Tensor:
-        """The center (h, w) window of the stored (max, max) table -> (1, h*w, D)."""
+    def cropped_pos_embed(self, h: int, w: int, offset: tuple[int, int] | None = None) -> torch.Tensor:
+        """The (h, w) window of the stored (max, max) table at (top, left) = offset -> (1, h*w, D).
+        None: the center window (inference). Training passes random offsets (SD3.5's random crop)."""
         m = self.config.pos_embed_max_size
-        top, left = (m - h) // 2, (m - w) // 2
+        top, left = offset if offset is not None else ((m - h) // 2, (m - w) // 2)
+        if not (0 <= top <= m - h and 0 <= left <= m - w):
+            raise ValueError(f"positional crop at {(top, left)} of size {h}x{w} leaves the {m}x{m} table")
         table = self.pos_embed.view(1, m, m, -1)
         return table[:, top:top + h, left:left + w, :].reshape(1, h * w, -1)
 
@@ -95,7 +101,8 @@ class MMDiTX(nn.Module):
         return t
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor, y: torch.Tensor,
-                skip_layers=()) -> torch.Tensor:
+                skip_layers=(), pos_offset: tuple[int, int] | None = None) -> torch.Tensor:
+        """pos_offset: (top, left) of the positional-table crop in patches; None (inference) is the center."""
         t = self.check_inputs(x, t, context, y)
         skip = set(skip_layers)
         if not skip <= set(range(self.config.depth)):
@@ -104,15 +111,21 @@ class MMDiTX(nn.Module):
         p = self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
 
-        pos = self.cropped_pos_embed(h, w).to(x.device, dtype)                 # (1, h*w, D), a no-op unless streaming
-        x = self.x_embedder(x.to(dtype)) + pos                                  # (B, h*w, D)
-        c = self.t_embedder(t) + self.y_embedder(y.to(dtype))                   # (B, D)
-        context = self.context_embedder(context.to(dtype))                      # (B, Lc, D)
+        pos = self.cropped_pos_embed(h, w, pos_offset).to(x.device, dtype)     # (1, h*w, D), a no-op unless streaming
+        if not torch.is_autocast_enabled(x.device.type):                        # autocast casts inside each op:
+            x, y, context = x.to(dtype), y.to(dtype), context.to(dtype)         # no full-size copy of an fp16 cache
+        x = self.x_embedder(x) + pos                                            # (B, h*w, D)
+        c = self.t_embedder(t) + self.y_embedder(y)                             # (B, D)
+        context = self.context_embedder(context)                                # (B, Lc, D)
 
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for i, block in enumerate(self.joint_blocks):
             if i in skip:
                 continue
-            context, x = block(context, x, c)
+            if recompute:
+                context, x = checkpoint(block, context, x, c, use_reentrant=False)
+            else:
+                context, x = block(context, x, c)
 
         x = self.final_layer(x, c)                                              # (B, h*w, p*p*C)
         return self.unpatchify(x, h, w)                                         # (B, C, H, W)

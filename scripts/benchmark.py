@@ -6,6 +6,7 @@
     python scripts/benchmark.py vae [--size 512] [--profile]
     python scripts/benchmark.py gemm [--rows 308 512 2048 8192] [--kernels]
     python scripts/benchmark.py pipeline [--size 512] [--steps 4]
+    python scripts/benchmark.py train [--mode lora|full] [--checkpointing] [--size 256] [--steps 3]
 
 `transformer` times one forward pass of the full-size SD3.5 Medium transformer, ours and diffusers'
 SD3Transformer2DModel holding the *same* weight tensors, alternating in one process, and prints medians, the
@@ -18,6 +19,12 @@ random model directory in the release layout, ours in each memory mode and diffu
 with the same components, and prints seconds and peak RSS. diffusers cannot hold T5-XXL in fp32 next to the
 rest in 24 GiB, so the side-by-side runs are without T5 (both zero its part of the context); ours also runs with
 the fp8 T5 file, which it keeps in fp8.
+
+`train` times one training step (forward, backward, AdamW) in fresh subprocesses, one side after the other:
+ours (training.lora adapters, rank 16 on the attention q/k/v/out of both streams) against the core loop of
+diffusers' train_dreambooth_lora_sd3.py (SD3Transformer2DModel + peft LoRA on the same targets, same rank),
+batch 1, cached conditioning (random 154 x 4096 context), gradient checkpointing on both or off on both;
+`--mode full` trains every weight. Prints seconds per step (median after one warm-up step) and peak RSS.
 
 The random checkpoint (official layout, ~5 GB in fp16) is written once under --cache.
 Nothing here is a pass/fail test: CI never runs it.
@@ -537,9 +544,98 @@ def bench_pipeline(args) -> None:
                       "torch": torch.__version__, "runs": res, "ratios": ratios}, indent=2))
 
 
+DREAMBOOTH_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                      "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"]  # train_dreambooth_lora_sd3.py
+
+
+def _train_child(who: str, mode: str, checkpointing: str, path: str, size: int, steps: int) -> None:
+    """Fresh process: load the transformer (fp32), set up LoRA or full training, run `steps` + 1 steps."""
+    import torch.nn.functional as F
+
+    keep_freed_memory()
+    torch.manual_seed(0)
+    model = load_mmditx(path, dtype=torch.float32)
+    lat = size // 8
+    x0 = torch.randn(1, 16, lat, lat)
+    context, pooled = torch.randn(1, 154, 4096).half(), torch.randn(1, 2048).half()  # as cached (fp16)
+    if who == "ours":
+        from training.lora import add_lora, target_patterns
+        from training.objective import Objective, draw, flow_matching_loss
+        if mode == "lora":
+            add_lora(model, rank=16, patterns=target_patterns(("attn",)))
+        else:
+            model.requires_grad_(True)
+        model.gradient_checkpointing = checkpointing == "on"
+        net = model.train()
+        objective = Objective()
+
+        def loss_fn(g):
+            return flow_matching_loss(net, objective, x0, context, pooled, draw(objective, model.config, x0.shape, g))
+    else:
+        net = diffusers_twin(model)
+        del model
+        if mode == "lora":
+            from peft import LoraConfig
+            net.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                       target_modules=DREAMBOOTH_TARGETS))
+        else:
+            net.requires_grad_(True)
+        if checkpointing == "on":
+            net.enable_gradient_checkpointing()
+        net.train()
+        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+        def loss_fn(g):  # the core of train_dreambooth_lora_sd3.py (continuous sigmas, shift 3)
+            u = compute_density_for_timestep_sampling("logit_normal", 1, 0.0, 1.0, generator=g)
+            sigmas = 3 * u / (1 + 2 * u)
+            noise = torch.randn(x0.shape, generator=g)
+            s = sigmas.view(-1, 1, 1, 1)
+            noisy = (1.0 - s) * x0 + s * noise
+            pred = net(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=context.float(),
+                       pooled_projections=pooled.float(), return_dict=False)[0]
+            w = compute_loss_weighting_for_sd3("logit_normal", sigmas).view(-1, 1, 1, 1)
+            return torch.mean((w.float() * (pred.float() - (noise - x0)) ** 2).reshape(1, -1), 1).mean()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        loss = loss_fn(g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"step_s": statistics.median(times[1:]), "first_step_s": times[0], "peak_kb": peak_rss_kb(),
+                      "trainable": sum(p.numel() for p in params), "loss": loss.item()}))
+
+
+def bench_train(args) -> None:
+    path = random_checkpoint(args.cache, args.stored)
+    gib = 1024 ** 3
+    res = {}
+    for who in ("ours", "diffusers"):  # one after the other, each in a fresh process
+        cmd = [sys.executable, __file__, "_train_child", who, args.mode, "on" if args.checkpointing else "off",
+               str(path), str(args.size), str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if out.returncode != 0:
+            raise SystemExit(f"{who} failed:\n{out.stderr[-3000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        res[who] = {"step_s": round(r["step_s"], 2), "first_step_s": round(r["first_step_s"], 2),
+                    "peak_rss_GiB": round(r["peak_kb"] * 1024 / gib, 2), "trainable_params": r["trainable"]}
+        print(who, res[who], flush=True)
+    print(json.dumps({"mode": args.mode, "checkpointing": args.checkpointing, "size": args.size, **res,
+                      "ratio_ours_over_diffusers": {
+                          "step_time": round(res["ours"]["step_s"] / res["diffusers"]["step_s"], 3),
+                          "peak_rss": round(res["ours"]["peak_rss_GiB"] / res["diffusers"]["peak_rss_GiB"], 3)}},
+                     indent=2))
+
+
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_load_child":
         return _load_child(sys.argv[2], sys.argv[3], sys.argv[4])
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_train_child":
+        return _train_child(*sys.argv[2:6], int(sys.argv[6]), int(sys.argv[7]))
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_pipeline_child":
         return _pipeline_child(*sys.argv[2:7], int(sys.argv[7]), int(sys.argv[8]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -577,11 +673,16 @@ def main(argv=None) -> None:
     pl.add_argument("--size", type=int, default=512)
     pl.add_argument("--steps", type=int, default=4)
     pl.add_argument("--only", nargs="+", choices=list(PIPELINE_RUNS), help="run only these")
+    tr = sub.add_parser("train", help="one training step (LoRA rank 16 or full), ours vs diffusers + peft")
+    tr.add_argument("--mode", choices=["lora", "full"], default="lora")
+    tr.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
+    tr.add_argument("--size", type=int, default=256, help="image side in pixels")
+    tr.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     args = p.parse_args(argv)
     if args.malloc == "keep" and not keep_freed_memory():
         print("warning: --malloc keep has no effect here (not glibc)", file=sys.stderr)
     {"transformer": bench_transformer, "load": bench_load, "vae": bench_vae, "gemm": bench_gemm,
-     "pipeline": bench_pipeline}[args.cmd](args)
+     "pipeline": bench_pipeline, "train": bench_train}[args.cmd](args)
 
 
 if __name__ == "__main__":

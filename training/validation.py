@@ -1,0 +1,72 @@
+"""Validation images: fixed prompts and seeds sampled with the model being trained, as one grid PNG."""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import vae as vae_lib
+from sampling.guidance import GuidedDenoiser
+from sampling.samplers import get_sampler
+from sampling.schedule import initial_noise, sigmas
+
+from .cache import CachedDataset
+
+
+@torch.no_grad()
+def sample_latents(model, cond, uncond, seeds: list[int], size: tuple[int, int], steps: int = 20, cfg: float = 4.0,
+                   shift: float = 3.0, sampler: str = "euler") -> torch.Tensor:
+    """(len(seeds), C, h, w) latents for one conditioning (context (1, L, D), pooled (1, P)), the pipeline's
+    noise per seed (sampling.schedule.initial_noise) and its samplers."""
+    was_training = model.training
+    model.eval()
+    device, dtype = model.pos_embed.device, model.pos_embed.dtype
+    n = len(seeds)
+    as_model = [t.to(device, dtype).expand(n, *t.shape[1:]) for t in (*cond, *uncond)]
+    denoiser = GuidedDenoiser(model, tuple(as_model[:2]), tuple(as_model[2:]), cfg, steps)
+    x = initial_noise(seeds, model.config.in_channels, size[1], size[0]).to(device)
+    out = get_sampler(sampler)(denoiser, x, sigmas(steps, shift).to(device), None,
+                               generator=torch.Generator("cpu").manual_seed(seeds[0]))
+    model.train(was_training)
+    return out.float()
+
+
+@dataclass
+class Validation:
+    dataset: CachedDataset
+    vae_file: Path
+    prompts: list[str]
+    seeds: list[int]
+    size: tuple[int, int] = (512, 512)        # (width, height)
+    steps: int = 20
+    cfg: float = 4.0
+    shift: float = 3.0
+
+    def images(self, model) -> list[list[Image.Image]]:
+        """One row per prompt, one image per seed."""
+        latents = [sample_latents(model, self.dataset.text(p), self.dataset.text(""), self.seeds, self.size,
+                                  self.steps, self.cfg, self.shift) for p in self.prompts]
+        ae = vae_lib.load_vae(self.vae_file, device=model.pos_embed.device)
+        rows = [vae_lib.tensor_to_images(ae.decode(z)) for z in latents]
+        del ae
+        gc.collect()
+        return rows
+
+    def grid(self, model, path: str | Path) -> Path:
+        rows = self.images(model)
+        w, h = rows[0][0].size
+        sheet = Image.new("RGB", (w * len(self.seeds), h * len(rows)), "white")
+        for r, row in enumerate(rows):
+            for c, im in enumerate(row):
+                sheet.paste(im, (c * w, r * h))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial.png")
+        sheet.save(tmp)
+        os.replace(tmp, path)
+        return path
