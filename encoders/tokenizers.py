@@ -57,18 +57,26 @@ class CLIPTokenizer:
         from tokenizers.models import BPE
 
         folder = Path(folder)
-        vocab_path = _require(folder / "vocab.json", "CLIP vocabulary vocab.json")
-        merges_path = _require(folder / "merges.txt", "CLIP BPE merges merges.txt")
+        if not (folder / "vocab.json").is_file() and (folder / "tokenizer.json").is_file():
+            # A folder saved by transformers 5 holds only tokenizer.json: the same vocabulary and merges inside.
+            vocab, merges = _clip_bpe_from_tokenizer_json(folder / "tokenizer.json")
+            vocab_path = folder / "tokenizer.json"
+        else:
+            vocab_path = _require(folder / "vocab.json", "CLIP vocabulary vocab.json")
+            merges_path = _require(folder / "merges.txt", "CLIP BPE merges merges.txt")
+            try:
+                vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ValueError(f"{vocab_path}: not a CLIP vocabulary ({e}).") from None
+            try:
+                _, merges = BPE.read_file(str(vocab_path), str(merges_path))
+            except Exception as e:  # the tokenizers library raises a bare Exception for malformed files
+                raise ValueError(f"{merges_path}: cannot read the BPE merges ({e}).") from None
         try:
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
             self.start_id, self.end_id = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
-        except (ValueError, KeyError) as e:
+        except (TypeError, KeyError) as e:
             raise ValueError(f"{vocab_path}: not a CLIP vocabulary ({type(e).__name__}: {e}); expected a JSON "
                              "object holding '<|startoftext|>' and '<|endoftext|>'.") from None
-        try:
-            _, merges = BPE.read_file(str(vocab_path), str(merges_path))
-        except Exception as e:  # the tokenizers library raises a bare Exception for malformed files
-            raise ValueError(f"{merges_path}: cannot read the BPE merges ({e}).") from None
         bpe = BPE(vocab, merges, unk_token="<|endoftext|>", continuing_subword_prefix="", end_of_word_suffix="</w>",
                   fuse_unk=False)
         tok = Tokenizer(bpe)
@@ -102,6 +110,17 @@ class CLIPTokenizer:
             row = [self.start_id, *ids, self.end_id]
             rows.append(row + [self.pad_id] * (self.length - len(row)))
         return torch.tensor(rows, dtype=torch.long)
+
+
+def _clip_bpe_from_tokenizer_json(path: Path) -> tuple[dict, list[tuple[str, str]]]:
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+        if model.get("type") != "BPE":
+            raise ValueError(f"a {model.get('type')} model, not BPE")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return model["vocab"], merges
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a CLIP BPE tokenizer ({type(e).__name__}: {e}).") from None
 
 
 def _ellipsis(text: str, n: int = 80) -> str:
