@@ -3,9 +3,12 @@
     python scripts/convert.py to-diffusers ~/models/sd3.5_medium ~/models/sd3.5_medium-diffusers
     python scripts/convert.py to-diffusers sd3.5_medium_incl_clips.safetensors OUT --tokenizers ~/models/sd3.5_medium
     python scripts/convert.py to-official ~/models/stable-diffusion-3.5-medium ~/models/sd3.5_medium
+    python scripts/convert.py lora my_lora.safetensors my_lora_kohya.safetensors --to kohya
 
 Tensors are copied bit for bit (a round trip gives back identical tensors) unless --dtype asks for a cast.
-The output folder must not exist; it appears only when complete.
+The output folder must not exist; it appears only when complete. LoRA files: read in any format mmditx.lora
+reads (diffusers/PEFT, kohya, official names), written in --to's (see mmditx/lora.py for what each holds: the
+diffusers layout folds alpha into lora_B, exact where alpha/rank is a power of two).
 """
 
 from __future__ import annotations
@@ -49,7 +52,20 @@ def parse_args(argv=None):
     o.add_argument("out", type=Path, help="new folder to write")
     o.add_argument("--name", default="sd3.5_medium.safetensors", help="file name of the transformer + VAE file")
     o.add_argument("--dtype", help="cast floating-point tensors (fp16, bf16, fp32); default: as stored")
+    lo = sub.add_parser("lora", help="LoRA file in one key format -> another")
+    lo.add_argument("src", type=Path, help="a LoRA .safetensors file (format detected from its keys)")
+    lo.add_argument("out", type=Path, help="new file to write")
+    lo.add_argument("--to", required=True, choices=["diffusers", "kohya", "official"], help="format to write")
     return p.parse_args(argv)
+
+
+def convert_lora(src: Path, out: Path, fmt: str) -> Path:
+    from mmditx.lora import read_lora, save_lora
+
+    if out.exists():
+        raise FileExistsError(f"{out} exists: choose a new output file (nothing is overwritten)")
+    lora = read_lora(src)
+    return save_lora(out, lora.transformer, fmt, text_encoders=lora.text_encoders or None)
 
 
 def main(argv=None) -> int:
@@ -60,6 +76,8 @@ def main(argv=None) -> int:
     try:
         if args.command == "to-diffusers":
             out = official_to_diffusers(args.src, args.out, args.tokenizers, args.max_shard_size, args.dtype)
+        elif args.command == "lora":
+            out = convert_lora(args.src, args.out, args.to)
         else:
             out = diffusers_to_official(args.src, args.out, args.dtype, args.name)
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:

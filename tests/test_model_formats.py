@@ -241,7 +241,7 @@ def assert_bit_identical(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
+        assert torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].reshape(-1).view(torch.uint8)), k
 
 
 def test_convert_round_trips_are_bit_identical_and_diffusers_reads_ours(official, diffusers_dir, tmp_path):
@@ -418,3 +418,24 @@ def test_mapped_names_are_views_except_fused_qkv(diffusers_dir):
     final = f.tensor("final_layer.adaLN_modulation.1.bias")
     scale, shift = f.source.tensor("norm_out.linear.bias").chunk(2)   # diffusers: (scale, shift)
     assert torch.equal(final, torch.cat([shift, scale]))                # official: (shift, scale)
+
+
+def test_convert_lora_round_trips_are_bit_identical(tmp_path):
+    """convert.py lora: diffusers -> kohya -> diffusers (q/k/v merged into one qkv factor and split back) and
+    kohya -> official -> kohya (alphas kept) give back the same tensors, bit for bit."""
+    from mmditx.lora import save_lora
+    from scripts.convert import main
+    from tests.test_lora_formats import LAYOUT, linear_targets, random_factors
+    from tests.official import mmditx_layout
+
+    targets = linear_targets(mmditx_layout(**LAYOUT))
+    start = {"diffusers": save_lora(tmp_path / "a.safetensors", random_factors(targets, alpha=(None,)), "diffusers"),
+             "kohya": save_lora(tmp_path / "b.safetensors", random_factors(targets, seed=1), "kohya")}
+    for first, via in (("diffusers", "kohya"), ("kohya", "official")):
+        middle, back = tmp_path / f"{first}_{via}.safetensors", tmp_path / f"{first}_back.safetensors"
+        assert main(["lora", str(start[first]), str(middle), "--to", via]) == 0
+        assert main(["lora", str(middle), str(back), "--to", first]) == 0
+        assert_bit_identical(tensors(back), tensors(start[first]))
+        assert set(tensors(middle)) != set(tensors(back))                 # the middle file really is the other layout
+    with pytest.raises(SystemExit, match="exists"):
+        main(["lora", str(start["kohya"]), str(start["diffusers"]), "--to", "kohya"])
