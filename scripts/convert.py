@@ -37,6 +37,8 @@ def size(text: str) -> int:
 
 
 def parse_args(argv=None):
+    from scripts.errors import add_debug_flag
+
     p = argparse.ArgumentParser(description="Convert SD3.5 models between the official layout and diffusers'.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("to-diffusers", help="official release folder (or one file bundling the text encoders) "
@@ -56,6 +58,8 @@ def parse_args(argv=None):
     lo.add_argument("src", type=Path, help="a LoRA .safetensors file (format detected from its keys)")
     lo.add_argument("out", type=Path, help="new file to write")
     lo.add_argument("--to", required=True, choices=["diffusers", "kohya", "official"], help="format to write")
+    for command in (d, o, lo):
+        add_debug_flag(command)
     return p.parse_args(argv)
 
 
@@ -69,19 +73,22 @@ def convert_lora(src: Path, out: Path, fmt: str) -> Path:
 
 
 def main(argv=None) -> int:
+    """The command: run() inside the scripts' error boundary (one line on stderr, exit 1; --debug for more)."""
+    from scripts.errors import run_cli
+
+    return run_cli(run, argv)
+
+
+def run(argv=None) -> int:
     args = parse_args(argv)
-    from mmditx.checkpoint import CheckpointError
     from sampling.model_formats import diffusers_to_official, official_to_diffusers
 
-    try:
-        if args.command == "to-diffusers":
-            out = official_to_diffusers(args.src, args.out, args.tokenizers, args.max_shard_size, args.dtype)
-        elif args.command == "lora":
-            out = convert_lora(args.src, args.out, args.to)
-        else:
-            out = diffusers_to_official(args.src, args.out, args.dtype, args.name)
-    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    if args.command == "to-diffusers":
+        out = official_to_diffusers(args.src, args.out, args.tokenizers, args.max_shard_size, args.dtype)
+    elif args.command == "lora":
+        out = convert_lora(args.src, args.out, args.to)
+    else:
+        out = diffusers_to_official(args.src, args.out, args.dtype, args.name)
     print(out)
     return 0
 
