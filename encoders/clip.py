@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmditx.checkpoint import (CheckpointError, SafetensorsFile, assign_from_file, build_on_meta, check_keys,
-                               expected_shapes, open_safetensors, parse_dtype)
+from mmditx.checkpoint import (CheckpointError, assign_from_file, build_on_meta, check_keys, expected_shapes,
+                               open_checkpoint, parse_dtype)
 
 HEAD_DIM = 64  # both CLIP-L (12 heads x 64) and CLIP-G (20 heads x 64)
 NUM_POSITIONS = 77
@@ -159,17 +159,20 @@ class CLIPTextModel(nn.Module):
 
 # -- loading ------------------------------------------------------------------------------------------------
 
-# Where each encoder may sit in a file: its own file (official text_encoders/*.safetensors), or a single file
-# that bundles the text encoders (sd3_medium_incl_clips*.safetensors).
+# Where each encoder may sit in a file: its own file (official text_encoders/*.safetensors, or a diffusers
+# folder's text_encoder*/, saved by transformers under the same names), or a single file that bundles the text
+# encoders (sd3_medium_incl_clips*.safetensors, ComfyUI's all-in-one checkpoints).
 PREFIXES = {
     "CLIP-L": ("", "text_encoders.clip_l.transformer."),
     "CLIP-G": ("", "text_encoders.clip_g.transformer."),
 }
+DIFFUSERS_FOLDERS = {"CLIP-L": "text_encoder", "CLIP-G": "text_encoder_2"}
+DIFFUSERS_CLASSES = ("CLIPTextModelWithProjection", "CLIPTextModel")
 # Keys some CLIP files carry that the model does not need.
 IGNORED = ("text_model.embeddings.position_ids", "logit_scale")
 
 
-def read_clip_config(f: SafetensorsFile, prefix: str, base: CLIPConfig) -> CLIPConfig:
+def read_clip_config(f, prefix: str, base: CLIPConfig) -> CLIPConfig:
     """Layer count, widths and vocabulary from the tensor shapes; activation and pooling from `base`."""
     shapes = f.shapes(prefix)
     layers = 0
@@ -191,8 +194,8 @@ def load_clip(path: str | os.PathLike, base: CLIPConfig, what: str, device: torc
     """Load a CLIP text encoder whose activation and pooling are those of `base` (CLIP_L or CLIP_G) and whose
     width must be base.width; the layer count comes from the file."""
     dtype = parse_dtype(dtype)
-    f = open_safetensors(path)
-    prefix = _find_prefix(f, what)
+    f = open_checkpoint(path, DIFFUSERS_FOLDERS.get(what), DIFFUSERS_CLASSES)
+    prefix = find_clip_prefix(f, what)
     width = f.shape(prefix + "text_model.embeddings.token_embedding.weight")[-1]
     if width != base.width:
         guess = {768: "CLIP-L (use encoders.load_clip_l)", 1280: "CLIP-G (use encoders.load_clip_g)",
@@ -205,7 +208,7 @@ def load_clip(path: str | os.PathLike, base: CLIPConfig, what: str, device: torc
     return assign_from_file(model, f, prefix, dtype=dtype, device=device, check_finite=check_finite)
 
 
-def _find_prefix(f: SafetensorsFile, what: str) -> str:
+def find_clip_prefix(f, what: str) -> str:
     probe = "text_model.embeddings.token_embedding.weight"
     for prefix in PREFIXES[what]:
         if prefix + probe in f:
@@ -231,7 +234,8 @@ def clip_units(model: CLIPTextModel) -> list[nn.Module]:
 
 def load_clip_l(path: str | os.PathLike, device: torch.device | str = "cpu",
                 dtype: torch.dtype | str | None = torch.float32, check_finite: bool = False) -> CLIPTextModel:
-    """CLIP-L from `text_encoders/clip_l.safetensors`: 12 layers (read from the file), width 768, quick-GELU.
+    """CLIP-L from `text_encoders/clip_l.safetensors` (or a file bundling it, or a diffusers folder's
+    text_encoder/): 12 layers (read from the file), width 768, quick-GELU.
     `model(ids)` -> (hidden (B, 77, 768), pooled (B, 768), *not* projected, as in the official code).
     dtype None keeps the stored dtype (then, on CPU, the weights are a zero-copy map of the file)."""
     return load_clip(path, CLIP_L, "CLIP-L", device, dtype, check_finite)
@@ -239,6 +243,7 @@ def load_clip_l(path: str | os.PathLike, device: torch.device | str = "cpu",
 
 def load_clip_g(path: str | os.PathLike, device: torch.device | str = "cpu",
                 dtype: torch.dtype | str | None = torch.float32, check_finite: bool = False) -> CLIPTextModel:
-    """CLIP-G (OpenCLIP bigG) from `text_encoders/clip_g.safetensors`: 32 layers, width 1280, GELU.
+    """CLIP-G (OpenCLIP bigG) from `text_encoders/clip_g.safetensors` (or a file bundling it, or a diffusers
+    folder's text_encoder_2/): 32 layers, width 1280, GELU.
     `model(ids)` -> (hidden (B, 77, 1280), pooled (B, 1280) projected by text_projection)."""
     return load_clip(path, CLIP_G, "CLIP-G", device, dtype, check_finite)

@@ -57,12 +57,14 @@ class TextConditioner:
                    tokenizer_l: str | os.PathLike, tokenizer_g: str | os.PathLike,
                    tokenizer_t5: str | os.PathLike | None, device: torch.device | str = "cpu",
                    dtype: torch.dtype | str | None = torch.float32, stream: bool = False,
-                   check_finite: bool = False) -> "TextConditioner":
+                   check_finite: bool = False,
+                   t5_weight_dtype: torch.dtype | str | None = None) -> "TextConditioner":
         """Load from explicit paths: checkpoint files, tokenizer folders (vocab.json + merges.txt; spiece.model
         or its folder). t5=None: without T5. dtype None means fp32 on CPU, bf16 on GPU. T5 computes in `dtype`
         except fp16, where its activations overflow: it computes in fp32 then, with the weights kept in fp16
         (or fp8) as stored. stream=True keeps the CLIP weights as stored too (fp16, memory-mapped, on the CPU),
-        converted to `dtype` on `device` one layer at a time (mmditx.streaming): same results, ~half the memory."""
+        converted to `dtype` on `device` one layer at a time (mmditx.streaming): same results, ~half the memory.
+        t5_weight_dtype: how T5's matrices are kept (see `load_t5`'s weight_dtype; "fp8" quantizes on load)."""
         dtype = parse_dtype(dtype) or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
         # Tokenizers first: a missing tokenizer file is reported before minutes of loading.
         tok_l = CLIPTokenizer(tokenizer_l, pad_with_end=True)
@@ -73,7 +75,8 @@ class TextConditioner:
                 raise ValueError(f"a T5 checkpoint ({t5}) needs its tokenizer: pass tokenizer_t5 (tokenizer_3/)")
             tok_t5 = T5Tokenizer(tokenizer_t5)
         t5_dtype = torch.float32 if dtype == torch.float16 else dtype
-        encoder_t5 = None if t5 is None else load_t5(t5, device=device, dtype=t5_dtype, check_finite=check_finite)
+        encoder_t5 = None if t5 is None else load_t5(t5, device=device, dtype=t5_dtype, weight_dtype=t5_weight_dtype,
+                                                     check_finite=check_finite)
         clips = []
         for load, path in ((load_clip_l, clip_l), (load_clip_g, clip_g)):
             if stream:

@@ -11,7 +11,10 @@ SD3 uses the output after the final norm, without an attention mask (padding tok
 
 Weights may be kept in a lower precision than the computation (fp8 for t5xxl_fp8_e4m3fn.safetensors, or fp16
 mapped from the file): `CastLinear`/`CastEmbedding` upcast one matrix at a time as it is used, so only one
-layer's weights ever exist in the compute dtype.
+layer's weights ever exist in the compute dtype. ComfyUI's "scaled fp8" files (t5xxl_fp8_e4m3fn_scaled, the
+T5 inside sd3.5_*_incl_clips_t5xxlfp8scaled) store each linear layer's weight in fp8 divided by a per-tensor
+`scale_weight` (fp32, a marker key `scaled_fp8` beside them): the upcast multiplies it back, as ComfyUI does
+(`weight.to(dtype) * scale_weight.to(dtype)`, comfy/ops.py).
 
 Module attribute names are the official checkpoint's (encoder.block.0.layer.0.SelfAttention.q, ...).
 """
@@ -26,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmditx.checkpoint import (CheckpointError, SafetensorsFile, assign_from_file, build_on_meta, check_keys, convert,
-                               expected_shapes, open_safetensors, parse_dtype)
+from mmditx.checkpoint import (CheckpointError, assign_from_file, build_on_meta, check_keys, convert, expected_shapes,
+                               open_checkpoint, parse_dtype)
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -50,14 +53,22 @@ T5_XXL = T5Config()
 
 class CastLinear(nn.Linear):
     """A bias-free Linear whose weight may be stored in a smaller dtype (fp8, fp16) than the input's: it is
-    upcast for this one product, so low-precision weights never exist in full precision all at once."""
+    upcast for this one product, so low-precision weights never exist in full precision all at once.
+    `weight_scale` (scaled fp8; not saved with the weights): the stored weight times it is the true weight."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
+        self.register_buffer("weight_scale", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        return F.linear(x, w if w.dtype == x.dtype else convert(w, x.dtype, w.device))
+        if w.dtype != x.dtype:
+            w = convert(w, x.dtype, w.device)
+            if self.weight_scale is not None:
+                w.mul_(self.weight_scale.to(x.dtype))
+        elif self.weight_scale is not None:
+            w = w * self.weight_scale.to(x.dtype)
+        return F.linear(x, w)
 
 
 class CastEmbedding(nn.Embedding):
@@ -195,6 +206,10 @@ class T5Encoder(nn.Module):
 PREFIXES = ("", "text_encoders.t5xxl.transformer.")
 EMBEDDING = "encoder.embed_tokens.weight"
 SHARED = "shared.weight"  # what transformers' T5EncoderModel calls the same (tied) table
+# Scaled fp8 (ComfyUI): `LAYER.scale_weight` per linear layer (newer files: `LAYER.weight_scale` with a
+# `LAYER.comfy_quant` JSON note); the input scales and the markers serve fp8 matrix products only.
+WEIGHT_SCALES = (".scale_weight", ".weight_scale")
+SCALED_FP8_EXTRAS = ("scaled_fp8", ".scale_input", ".input_scale", ".comfy_quant")
 
 
 def _is_matrix(name: str) -> bool:
@@ -203,7 +218,7 @@ def _is_matrix(name: str) -> bool:
                                  and "relative_attention_bias" not in name)
 
 
-def read_t5_config(f: SafetensorsFile, prefix: str, embedding_key: str) -> T5Config:
+def read_t5_config(f, prefix: str, embedding_key: str) -> T5Config:
     shapes = f.shapes(prefix)
     blocks = 0
     while f"encoder.block.{blocks}.layer.0.SelfAttention.q.weight" in shapes:
@@ -227,7 +242,9 @@ def load_t5(path: str | os.PathLike, device: torch.device | str = "cpu",
             dtype: torch.dtype | str = torch.float32,
             weight_dtype: torch.dtype | str | None = None, check_finite: bool = False) -> T5Encoder:
     """T5-XXL from `text_encoders/t5xxl_fp16.safetensors` or `t5xxl_fp8_e4m3fn.safetensors` (the block count is
-    read from the file; the embedding may be named `encoder.embed_tokens.weight` or `shared.weight`).
+    read from the file; the embedding may be named `encoder.embed_tokens.weight` or `shared.weight`), from a
+    file that bundles it (`text_encoders.t5xxl.transformer.*`, also in ComfyUI's scaled fp8), or from a
+    diffusers folder's text_encoder_3/ (sharded as transformers saves it).
 
     dtype: the compute dtype (activations, norms, position bias): fp32 on CPU; bf16 on GPU (T5's activations
         overflow fp16).
@@ -242,27 +259,37 @@ def load_t5(path: str | os.PathLike, device: torch.device | str = "cpu",
         raise ValueError(f"dtype is the compute dtype (fp32, bf16 or fp16), not {dtype}; "
                          "use weight_dtype='fp8' to keep the weights in fp8")
     device = torch.device(device)
-    f = open_safetensors(path)
-    prefix, embedding_key = _find_t5(f)
+    f = open_checkpoint(path, "text_encoder_3", ("T5EncoderModel",))
+    prefix, embedding_key = find_t5(f)
     config = read_t5_config(f, prefix, embedding_key)
     model = build_on_meta(lambda: T5Encoder(config))
     expected = expected_shapes(model)
     embedding_name = embedding_key[len(prefix):]
     # check_keys against the file's spelling of the embedding, the other spelling of a tied copy is ignored.
     file_names = {(embedding_name if k == EMBEDDING else k): v for k, v in expected.items()}
+    scales = {k[len(prefix):] for k in f.keys() if k.startswith(prefix) and k.endswith(WEIGHT_SCALES)}
     check_keys(f, prefix, file_names, "T5 v1.1 encoder",
-               ignore_unexpected=lambda k: k in (SHARED, EMBEDDING))
+               ignore_unexpected=lambda k: k in (SHARED, EMBEDDING) or k in scales or k.endswith(SCALED_FP8_EXTRAS))
 
     def dtype_of(name: str, stored: torch.dtype) -> torch.dtype:
         if _is_matrix(name):
             return weight_dtype or (stored if stored.itemsize < dtype.itemsize else dtype)
         return dtype
 
-    return assign_from_file(model, f, prefix, device=device, dtype_of=dtype_of,
-                            rename=lambda k: embedding_name if k == EMBEDDING else k, check_finite=check_finite)
+    model = assign_from_file(model, f, prefix, device=device, dtype_of=dtype_of,
+                             rename=lambda k: embedding_name if k == EMBEDDING else k, check_finite=check_finite)
+    for name, module in model.named_modules():
+        for suffix in WEIGHT_SCALES:
+            if isinstance(module, CastLinear) and name + suffix in scales:
+                module.weight_scale = convert(f.tensor(prefix + name + suffix).reshape(()), torch.float32, device)
+                scales.discard(name + suffix)
+    if scales:
+        raise CheckpointError(f"{f.path}: weight scales for layers that are not linear layers of T5: "
+                              f"{sorted(prefix + k for k in scales)[:4]}. Only scaled-fp8 linear weights are supported.")
+    return model
 
 
-def _find_t5(f: SafetensorsFile) -> tuple[str, str]:
+def find_t5(f) -> tuple[str, str]:
     """(prefix, full key of the token embedding)."""
     for prefix in PREFIXES:
         for name in (EMBEDDING, SHARED):

@@ -57,10 +57,17 @@ class CLIPTokenizer:
         from tokenizers.models import BPE
 
         folder = Path(folder)
-        vocab_path = _require(folder / "vocab.json", "CLIP vocabulary vocab.json")
-        merges_path = _require(folder / "merges.txt", "CLIP BPE merges merges.txt")
+        merges = None
+        if not (folder / "vocab.json").is_file() and (folder / "tokenizer.json").is_file():
+            # A folder saved by transformers 5 holds only tokenizer.json: the same vocabulary and merges inside.
+            vocab_path = merges_path = folder / "tokenizer.json"
+            vocab, merges = _clip_bpe_from_tokenizer_json(vocab_path)
+        else:
+            vocab_path = _require(folder / "vocab.json", "CLIP vocabulary vocab.json")
+            merges_path = _require(folder / "merges.txt", "CLIP BPE merges merges.txt")
         try:
-            vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+            if merges is None:
+                vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
             if not isinstance(vocab, dict):
                 raise ValueError(f"a JSON {type(vocab).__name__}, not an object")
             bad = [k for k, v in vocab.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
@@ -72,7 +79,8 @@ class CLIPTokenizer:
                              "object {token: id} holding '<|startoftext|>' and '<|endoftext|>'.") from None
         self.max_id = max(vocab.values())
         try:
-            _, merges = BPE.read_file(str(vocab_path), str(merges_path))
+            if merges is None:
+                _, merges = BPE.read_file(str(vocab_path), str(merges_path))
             bpe = BPE(vocab, merges, unk_token="<|endoftext|>", continuing_subword_prefix="",
                       end_of_word_suffix="</w>", fuse_unk=False)
         except Exception as e:  # the tokenizers library raises a bare Exception for malformed files
@@ -108,6 +116,17 @@ class CLIPTokenizer:
             row = [self.start_id, *ids, self.end_id]
             rows.append(row + [self.pad_id] * (self.length - len(row)))
         return torch.tensor(rows, dtype=torch.long)
+
+
+def _clip_bpe_from_tokenizer_json(path: Path) -> tuple[dict, list[tuple[str, str]]]:
+    try:
+        model = json.loads(path.read_text(encoding="utf-8"))["model"]
+        if model.get("type") != "BPE":
+            raise ValueError(f"a {model.get('type')} model, not BPE")
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        return model["vocab"], merges
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a CLIP BPE tokenizer ({type(e).__name__}: {e}).") from None
 
 
 def _ellipsis(text: str, n: int = 80) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -412,3 +413,319 @@ def write_safetensors_streaming(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# -- checkpoints in several files, and under other names ----------------------------------------------------
+#
+# A diffusers-format folder stores each component in its own subfolder (transformer/, vae/, text_encoder*/),
+# possibly split into shards listed by an index (`*.safetensors.index.json`: {"weight_map": {key: shard}}),
+# and names the transformer's and the VAE's tensors its own way. The classes below present such a checkpoint
+# through the same interface as `SafetensorsFile` (keys, shape, dtype, tensor, release, path), so every loader
+# reads it unchanged: still memory-mapped, tensor by tensor.
+
+
+class ShardedSafetensors:
+    """The shards listed by a `*.safetensors.index.json`, seen as one file (each shard memory-mapped)."""
+
+    def __init__(self, index: str | os.PathLike):
+        self.path = Path(index)
+        try:
+            weight_map = json.loads(self.path.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ValueError("'weight_map' is not an object of file names")
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: no such file.") from None
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{self.path}: not a valid shard index ({type(e).__name__}: {e}); expected JSON "
+                                  "with a 'weight_map' {tensor name: shard file}. Re-download the folder.") from None
+        self.metadata: dict = {}
+        self.shards: dict[str, SafetensorsFile] = {}
+        for name in sorted(set(weight_map.values())):
+            shard = self.path.parent / name
+            if not shard.is_file():
+                raise CheckpointError(f"{self.path}: lists shard {name}, which is missing from {self.path.parent}. "
+                                      "The download is incomplete: fetch the missing shard.")
+            self.shards[name] = SafetensorsFile(shard)
+        self._file_of: dict[str, SafetensorsFile] = {}
+        for key, name in weight_map.items():
+            if key not in self.shards[name]:
+                raise CheckpointError(f"{self.path}: says {key!r} is in {name}, but that shard does not hold it. "
+                                      "The index and the shards come from different versions: re-download both.")
+            self._file_of[key] = self.shards[name]
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._file_of[key].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._file_of[key].dtype(key)
+
+    def shapes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+        return {k[len(prefix):]: f.shape(k) for k, f in self._file_of.items() if k.startswith(prefix)}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if key not in self._file_of:
+            raise CheckpointError(f"{self.path}: key {key!r} not found.")
+        return self._file_of[key].tensor(key)
+
+    def release(self, key: str) -> None:
+        self._file_of[key].release(key)
+
+
+# What a diffusers folder holds for Stable Diffusion 3 (model_index.json's pipeline classes).
+SD3_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",
+                 "StableDiffusion3ControlNetPipeline", "StableDiffusion3PAGPipeline")
+
+
+def read_model_index(root: str | os.PathLike) -> dict:
+    """`root/model_index.json` of a diffusers folder, checked to describe a Stable Diffusion 3 pipeline."""
+    path = Path(root) / "model_index.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(index, dict):
+            raise ValueError("not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}). Re-download the folder.") from None
+    cls = index.get("_class_name")
+    if cls not in SD3_PIPELINES:
+        kind = next((n for k, n in (("Flux", "Flux"), ("XL", "SDXL"), ("StableDiffusionPipeline", "SD 1.x/2.x"),
+                                    ("Sana", "Sana"), ("PixArt", "PixArt")) if k in str(cls)), None)
+        raise CheckpointError(f"{path}: a {cls} folder{f' ({kind})' if kind else ''}, not Stable Diffusion 3 "
+                              f"(expected one of {', '.join(SD3_PIPELINES)}). This project runs SD3/SD3.5 models only.")
+    return index
+
+
+def open_checkpoint(path: str | os.PathLike, component: str | None = None,
+                    classes: tuple[str, ...] = ()) -> "SafetensorsFile | ShardedSafetensors":
+    """A checkpoint given as a `.safetensors` file, a shard index `*.safetensors.index.json`, a folder holding
+    either (a diffusers component folder), or a whole diffusers folder (with model_index.json) from which the
+    subfolder `component` is taken; model_index.json must list it with one of `classes`."""
+    path = Path(path)
+    if not path.is_dir():
+        return ShardedSafetensors(path) if path.name.endswith(".index.json") else SafetensorsFile(path)
+    if component is not None and (path / "model_index.json").is_file():
+        index = read_model_index(path)
+        entry = index.get(component)
+        cls = entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
+        if cls is None:
+            raise CheckpointError(f"{path / 'model_index.json'}: lists no '{component}' component (it lists "
+                                  f"{sorted(k for k in index if not k.startswith('_'))}). Is the folder complete?")
+        if classes and cls not in classes:
+            raise CheckpointError(f"{path / 'model_index.json'}: component '{component}' is a {cls}; expected "
+                                  f"{' or '.join(classes)}. This folder is not a Stable Diffusion 3 model.")
+        if not (path / component).is_dir():
+            raise CheckpointError(f"{path / component}: missing subfolder (model_index.json lists '{component}' "
+                                  f"as {cls}). The download is incomplete: fetch {component}/.")
+        path = path / component
+    return _open_folder(path)
+
+
+def _open_folder(folder: Path) -> "SafetensorsFile | ShardedSafetensors":
+    """The weights in a diffusers/transformers component folder: its shard index, else its one .safetensors file
+    (the unsuffixed `diffusion_pytorch_model`/`model` name preferred over variants such as `.fp16`)."""
+    for base in ("diffusion_pytorch_model", "model"):
+        if (folder / f"{base}.safetensors.index.json").is_file():
+            return ShardedSafetensors(folder / f"{base}.safetensors.index.json")
+        if (folder / f"{base}.safetensors").is_file():
+            return SafetensorsFile(folder / f"{base}.safetensors")
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    files = sorted(folder.glob("*.safetensors"))
+    if len(indexes) == 1:
+        return ShardedSafetensors(indexes[0])
+    if not indexes and len(files) == 1:
+        return SafetensorsFile(files[0])
+    found = [p.name for p in indexes + files]
+    if not found:
+        bins = sorted(p.name for p in folder.glob("*.bin"))
+        hint = f" (it holds {bins}: pickled .bin weights are not supported, use the .safetensors ones)" if bins else ""
+        raise CheckpointError(f"{folder}: no .safetensors weights in this folder{hint}; expected "
+                              "diffusion_pytorch_model.safetensors, model.safetensors or a *.safetensors.index.json.")
+    raise CheckpointError(f"{folder}: several checkpoints {found}: pass the one to use (a file or its index).")
+
+
+class Rename:
+    """One naming rule between our (the official) layout and another one, say diffusers'.
+
+    `ours` and `theirs` are name templates whose fields ({b}, {j}, ...) stand for numbers, except {w}: 'weight' or
+    'bias'. Our tensor is their tensors concatenated along dim 0 (diffusers' separate q, k, v -> our fused qkv).
+    swap_halves: their one tensor holds our two halves in the other order (diffusers' AdaLayerNormContinuous
+    is (scale, shift), the official final layer (shift, scale)). conv1x1: ours is a 1x1 convolution (out, in, 1, 1)
+    where theirs is a linear layer (out, in).
+    """
+
+    def __init__(self, ours: str, *theirs: str, swap_halves: bool = False, conv1x1: bool = False):
+        self.ours, self.theirs, self.swap_halves, self.conv1x1 = ours, theirs, swap_halves, conv1x1
+        self._ours_re = _template_regex(ours)
+        self._theirs_re = [_template_regex(t) for t in theirs]
+
+    def match_ours(self, name: str) -> dict | None:
+        m = self._ours_re.fullmatch(name)
+        return m.groupdict() if m else None
+
+    def match_theirs(self, name: str) -> dict | None:
+        for r in self._theirs_re:
+            m = r.fullmatch(name)
+            if m:
+                return m.groupdict()
+        return None
+
+    def pieces(self, fields: dict) -> list[tuple[str, int, int]]:
+        """Our tensor as [(their name, chunk index, chunks in it)], concatenated in this order."""
+        names = [t.format(**fields) for t in self.theirs]
+        if self.swap_halves:
+            return [(names[0], 1, 2), (names[0], 0, 2)]
+        return [(n, 0, 1) for n in names]
+
+
+def _template_regex(template: str) -> re.Pattern:
+    out, pos = "", 0
+    for m in re.finditer(r"\{(\w+)\}", template):
+        field = m.group(1)
+        out += re.escape(template[pos:m.start()]) + (f"(?P<{field}>weight|bias)" if field == "w" else f"(?P<{field}>\\d+)")
+        pos = m.end()
+    return re.compile(out + re.escape(template[pos:]))
+
+
+class RenamedCheckpoint:
+    """A checkpoint seen under other names, built by `to_ours`/`to_theirs`: each name is one source tensor or
+    a row range of one (a zero-copy view, reshaped where a rule says so) or the concatenation of row ranges of several (a copy,
+    made when the tensor is asked for, after which the source's pages are dropped)."""
+
+    def __init__(self, source, parts: dict[str, list[tuple[str, int, int]]], shapes: dict[str, tuple[int, ...]],
+                 what: str):
+        self.source, self.path, self.what = source, source.path, what
+        self.metadata = getattr(source, "metadata", {})
+        self._parts, self._shapes = parts, shapes
+
+    def keys(self) -> list[str]:
+        return list(self._parts)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._parts
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.source.dtype(self._parts[key][0][0])
+
+    def shapes(self, prefix: str = "") -> dict[str, tuple[int, ...]]:
+        return {k[len(prefix):]: s for k, s in self._shapes.items() if k.startswith(prefix)}
+
+    def source_names(self, key: str) -> list[str]:
+        return list(dict.fromkeys(name for name, _, _ in self._parts[key]))
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if key not in self._parts:
+            raise CheckpointError(f"{self.path}: key {key!r} not found.")
+        shape, parts = self._shapes[key], self._parts[key]
+        views = [self.source.tensor(name) if start is None else self.source.tensor(name)[start:stop]
+                 for name, start, stop in parts]
+        if len(views) == 1:
+            return views[0].reshape(shape)                              # a view of the mapped file
+        # The one copy renaming needs: q, k, v stored apart become one fused tensor (and halves are swapped).
+        out = empty_cpu(shape, views[0].dtype)
+        row = 0
+        for v in views:
+            out[row: row + v.shape[0]].copy_(v.reshape(v.shape[0], *shape[1:]))
+            row += v.shape[0]
+        for name in self.source_names(key):
+            self.source.release(name)
+        return out
+
+    def release(self, key: str) -> None:
+        for name in self.source_names(key):
+            self.source.release(name)
+
+
+def to_ours(source, rules: list[Rename], what: str) -> RenamedCheckpoint:
+    """`source` (named as the rules' `theirs`) seen under our names. Source names no rule knows keep their name
+    (check_keys then reports them as unexpected); a tensor whose pieces are not all there is an error."""
+    parts, shapes, pending = {}, {}, {}
+    for name in source.keys():
+        for rule in rules:
+            fields = rule.match_theirs(name)
+            if fields is not None:
+                pending.setdefault(rule.ours.format(**fields), (rule, fields))
+                break
+        else:
+            parts[name], shapes[name] = [(name, None, None)], source.shape(name)
+    for ours, (rule, fields) in pending.items():
+        pieces = rule.pieces(fields)
+        missing = [n for n, _, _ in pieces if n not in source]
+        if missing:
+            raise CheckpointError(f"{source.path}: {', '.join(missing)} missing ({what}: "
+                                  f"{' + '.join(dict.fromkeys(n for n, _, _ in pieces))} make our {ours}). "
+                                  "The file is incomplete or not this model.")
+        ranges = []
+        for n, chunk, chunks in pieces:
+            rows = source.shape(n)[0] // chunks
+            ranges.append((n, chunk * rows, (chunk + 1) * rows))
+        first = source.shape(pieces[0][0])
+        rest = tuple(first[1:]) + ((1, 1) if rule.conv1x1 else ())
+        if any(tuple(source.shape(n)[1:]) != tuple(first[1:]) for n, _, _ in pieces):
+            raise CheckpointError(f"{source.path}: {', '.join(n for n, _, _ in pieces)} differ in shape beyond "
+                                  f"dim 0: they cannot form our {ours} ({what}).")
+        parts[ours] = ranges
+        shapes[ours] = (sum(stop - start for _, start, stop in ranges), *rest)
+    return RenamedCheckpoint(source, parts, shapes, what)
+
+
+def to_theirs(source, rules: list[Rename], what: str, prefix: str = "") -> RenamedCheckpoint:
+    """The inverse of `to_ours`: our tensors (keys `prefix + name` in `source`) under the rules' `theirs` names
+    (for writing a diffusers folder). A name no rule knows is an error: writing must be complete."""
+    parts: dict[str, list] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for key in source.keys():
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        rule, fields = next(((r, f) for r in rules if (f := r.match_ours(name)) is not None), (None, None))
+        if rule is None:
+            raise CheckpointError(f"{source.path}: no {what} name for {key!r}: is this the right file?")
+        shape = source.shape(key)
+        pieces = rule.pieces(fields)
+        rows = shape[0] // len(pieces)
+        rest = tuple(shape[1:-2]) if rule.conv1x1 else tuple(shape[1:])
+        for i, (theirs, chunk, chunks) in enumerate(pieces):
+            parts.setdefault(theirs, [None] * chunks)[chunk] = (key, i * rows, (i + 1) * rows)
+            shapes[theirs] = (rows * chunks, *rest)
+    return RenamedCheckpoint(source, parts, shapes, what)
+
+
+def write_safetensors_sharded(
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    produce: Callable[[str], torch.Tensor],
+    folder: str | os.PathLike,
+    base: str = "diffusion_pytorch_model",
+    max_shard_bytes: int = 10 * 10**9,
+) -> list[Path]:
+    """Write tensors as diffusers/transformers do: `base.safetensors` when they fit in one shard of
+    `max_shard_bytes`, else `base-0000i-of-0000n.safetensors` plus `base.safetensors.index.json`
+    ({"metadata": {"total_size"}, "weight_map": {key: shard}}). Keys go to shards in sorted order."""
+    folder = Path(folder)
+    shards: list[list[str]] = [[]]
+    size = total = 0
+    for key in sorted(specs):
+        shape, dtype = specs[key]
+        n = _itemsize(dtype) * int(torch.Size(shape).numel())
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += n
+        total += n
+    if len(shards) == 1:
+        write_safetensors_streaming(specs, produce, folder / f"{base}.safetensors", {"format": "pt"})
+        return [folder / f"{base}.safetensors"]
+    names = [f"{base}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        write_safetensors_streaming({k: specs[k] for k in keys}, produce, folder / name, {"format": "pt"})
+    index = {"metadata": {"total_size": total}, "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+    (folder / f"{base}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return [folder / n for n in names] + [folder / f"{base}.safetensors.index.json"]

@@ -27,7 +27,9 @@ from PIL import Image
 import encoders
 import vae as vae_lib
 from mmditx import load_mmditx, read_config, stream_weights
-from mmditx.checkpoint import parse_device, parse_dtype
+from encoders.clip import PREFIXES as CLIP_PREFIXES
+from encoders.t5 import PREFIXES as T5_PREFIXES
+from mmditx.checkpoint import open_safetensors, parse_device, parse_dtype, read_model_index
 
 from .defaults import load_sampling_defaults
 from .guidance import GuidedDenoiser, SkipLayerGuidance
@@ -39,6 +41,7 @@ from .schedule import img2img_sigmas, initial_noise, noise_latent, sigmas
 MODEL_FILE_NAMES = ("sd3.5_medium.safetensors", "sd3.5_large.safetensors", "sd3_medium.safetensors")
 MEMORY_MODES = ("resident", "sequential", "frugal")
 T5_FILES = {"fp16": "t5xxl_fp16.safetensors", "fp8": "t5xxl_fp8_e4m3fn.safetensors"}
+CLIP_PROBE = "text_model.embeddings.token_embedding.weight"
 
 
 # Bounds on what a user may ask for, named in the errors (beyond them a run is a mistake, or hours long).
@@ -122,7 +125,9 @@ class GenerationParams:
 
 @dataclass
 class ModelFiles:
-    """Where the weights and tokenizers are. `from_dir` reads the official release layout."""
+    """Where the weights and tokenizers are. `from_dir` reads the official release layout or a diffusers-format
+    folder; `from_single_file` a file that bundles the text encoders. Each weight path is whatever the loaders
+    take: a file, or a diffusers folder (each loader picks its own subfolder)."""
     model: Path                      # single file with model.diffusion_model.* and first_stage_model.*
     clip_l: Path
     clip_g: Path
@@ -131,12 +136,66 @@ class ModelFiles:
     tokenizer_g: Path
     tokenizer_t5: Path | None
     vae: Path | None = None          # a separate VAE file; default: the VAE inside `model`
+    t5_weight_dtype: str | None = None  # "fp8": T5's matrices quantized on load (a folder or file with one T5)
+
+    @classmethod
+    def from_diffusers(cls, root: str | os.PathLike, t5: str = "fp16") -> "ModelFiles":
+        """A diffusers-format folder (model_index.json, transformer/, vae/, text_encoder*/, tokenizer*/). It holds
+        one T5 (text_encoder_3/): t5='fp16' loads it as stored, 'fp8' quantizes its matrices on load, 'off' skips it."""
+        root = Path(root)
+        index = read_model_index(root)
+        parts = ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
+        parts += ["text_encoder_3", "tokenizer_3"] if t5 != "off" else []
+        for part in parts:
+            if not isinstance(index.get(part), list) or index[part][0] is None:
+                raise FileNotFoundError(f"{root / 'model_index.json'}: lists no '{part}'"
+                                        + ("; run without T5 (--t5 off)" if part.endswith("_3") else ""))
+            if not (root / part).is_dir():
+                raise FileNotFoundError(f"{root / part}: missing subfolder (model_index.json lists '{part}'). "
+                                        "The download is incomplete.")
+        return cls(model=root, vae=root, clip_l=root, clip_g=root, t5=None if t5 == "off" else root,
+                   tokenizer_l=root / "tokenizer", tokenizer_g=root / "tokenizer_2",
+                   tokenizer_t5=None if t5 == "off" else root / "tokenizer_3",
+                   t5_weight_dtype="fp8" if t5 == "fp8" else None)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, tokenizers: str | os.PathLike | None = None,
+                         t5: str = "fp16") -> "ModelFiles":
+        """One file holding the transformer, the VAE and the text encoders (`text_encoders.clip_l.*`,
+        `text_encoders.clip_g.*`, optionally `text_encoders.t5xxl.*`, as ComfyUI's all-in-one checkpoints, T5
+        possibly in scaled fp8). Tokenizers from `tokenizers` (tokenizer/, tokenizer_2/, tokenizer_3/ in it),
+        default: the file's folder. Its T5: t5='fp16' as stored, 'fp8' quantized on load (a scaled-fp8 T5 stays as
+        it is), 'off' skipped."""
+        path = Path(path)
+        f = open_safetensors(path)
+        missing = [what for what, prefix in (("CLIP-L", CLIP_PREFIXES["CLIP-L"][1]), ("CLIP-G", CLIP_PREFIXES["CLIP-G"][1]))
+                   if prefix + CLIP_PROBE not in f]
+        if missing:
+            raise FileNotFoundError(f"{path}: holds no {' and no '.join(missing)} text encoder "
+                                    f"({CLIP_PREFIXES[missing[0]][1]}*): use --model-dir with the release's "
+                                    "text_encoders/, or a file that bundles them")
+        has_t5 = T5_PREFIXES[1] + "encoder.final_layer_norm.weight" in f
+        t5_in_fp8 = has_t5 and f.dtype(T5_PREFIXES[1] + "encoder.block.0.layer.0.SelfAttention.q.weight").itemsize == 1
+        if t5 != "off" and not has_t5:
+            raise FileNotFoundError(f"{path}: holds no T5 encoder ({T5_PREFIXES[1]}*): run without T5 (--t5 off)")
+        tok = Path(tokenizers) if tokenizers is not None else path.parent
+        for sub in ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if t5 != "off" else ()):
+            if not (tok / sub).is_dir():
+                raise FileNotFoundError(f"{tok / sub}: tokenizer folder not found; {path.name} carries no tokenizers: "
+                                        "pass --tokenizers DIR (a folder with tokenizer/, tokenizer_2/, tokenizer_3/, "
+                                        "as in the official release)")
+        return cls(model=path, clip_l=path, clip_g=path, t5=path if t5 != "off" else None,
+                   tokenizer_l=tok / "tokenizer", tokenizer_g=tok / "tokenizer_2",
+                   tokenizer_t5=tok / "tokenizer_3" if t5 != "off" else None,
+                   t5_weight_dtype="fp8" if t5 == "fp8" and not t5_in_fp8 else None)
 
     @classmethod
     def from_dir(cls, root: str | os.PathLike, t5: str = "fp16") -> "ModelFiles":
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"model directory {root} does not exist")
+        if (root / "model_index.json").is_file():
+            return cls.from_diffusers(root, t5)
         models = [root / n for n in MODEL_FILE_NAMES if (root / n).is_file()]
         if not models:
             found = sorted(p.name for p in root.glob("*.safetensors"))
@@ -148,6 +207,8 @@ class ModelFiles:
         te = root / "text_encoders"
         if t5 not in ("fp16", "fp8", "off"):
             raise ValueError(f"t5 must be 'fp16', 'fp8' or 'off', not {t5!r}")
+        if not te.is_dir() and CLIP_PREFIXES["CLIP-L"][1] + CLIP_PROBE in open_safetensors(models[0]):
+            return cls.from_single_file(models[0], root, t5)   # a file that bundles the text encoders
         t5_path = None
         if t5 != "off":
             t5_path = te / T5_FILES[t5]
@@ -224,7 +285,7 @@ class Pipeline:
             self._text = encoders.TextConditioner.from_files(
                 clip_l=f.clip_l, clip_g=f.clip_g, t5=f.t5, tokenizer_l=f.tokenizer_l, tokenizer_g=f.tokenizer_g,
                 tokenizer_t5=f.tokenizer_t5, device=self.device, dtype=self.dtype, stream=self.memory == "frugal",
-                check_finite=self.check_weights)
+                check_finite=self.check_weights, t5_weight_dtype=f.t5_weight_dtype)
         return self._text
 
     def transformer(self):

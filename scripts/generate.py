@@ -3,6 +3,8 @@
     python scripts/generate.py --prompt "a photo of a cat"                      # embedded random-weight model set
     python scripts/generate.py --model-dir ~/models/sd3.5_medium --prompt "a photo of a cat" --seed 1
     python scripts/generate.py --model-dir DIR --prompt-file prompts.txt --num-images 4 --memory sequential --t5 fp8
+    python scripts/generate.py --model-dir ~/models/stable-diffusion-3.5-medium --prompt "..."   # diffusers folder
+    python scripts/generate.py --model sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors --tokenizers DIR --prompt "..."
 
 Without --model-dir a small random-weight model set in the official layout is built once (cached) and used:
 its images are noise, but every stage of the real path runs. Outputs never overwrite existing files; each PNG
@@ -36,8 +38,15 @@ DTYPES_BY_TORCH = {v: k for k, v in DTYPES.items()}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Text-to-image with SD3.5 Medium (mmditx).")
-    p.add_argument("--model-dir", type=Path, help="directory laid out like the official release; "
-                   "default: the embedded random-weight model set (for trying the pipeline)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model-dir", type=Path, help="directory laid out like the official release, or a "
+                       "diffusers-format folder (model_index.json); default: the embedded random-weight model set "
+                       "(for trying the pipeline)")
+    model.add_argument("--model", type=Path, metavar="FILE", help="one file holding the transformer, VAE and text "
+                       "encoders (text_encoders.clip_l/clip_g/t5xxl.*, e.g. ComfyUI's all-in-one checkpoints); "
+                       "tokenizers from --tokenizers")
+    p.add_argument("--tokenizers", type=Path, metavar="DIR", help="with --model: the folder holding tokenizer/, "
+                   "tokenizer_2/, tokenizer_3/ (default: the file's folder)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt")
     src.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line")
@@ -194,6 +203,8 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     args = parse_args(argv)
+    if args.tokenizers is not None and args.model is None:
+        raise ValueError("--tokenizers goes with --model FILE (a model directory holds its own tokenizers)")
     from mmditx.runtime import tune_for_memory_mode
     from sampling.embedded import model_dir_or_embedded
     from sampling.io import prepare_output, progress_callback, save_png
@@ -212,14 +223,19 @@ def run(argv=None) -> int:
     jobs = [build_params(args, prompt, stored) for prompt in read_prompts(args)]
     out_dir, out_file = prepare_output(args.out)
 
-    model_dir, embedded = model_dir_or_embedded(
-        args.model_dir, "Its images are noise; pass --model-dir with the official files for real images.")
-    config = read_config(ModelFiles.from_dir(model_dir, t5=t5).model)   # the header only: sizes before loading
+    if args.model is not None:
+        model_dir, embedded = args.model, False
+    else:
+        model_dir, embedded = model_dir_or_embedded(
+            args.model_dir, "Its images are noise; pass --model-dir with the official files for real images.")
+    files = (ModelFiles.from_single_file(args.model, args.tokenizers, t5=t5) if args.model is not None
+             else ModelFiles.from_dir(model_dir, t5=t5))
+    config = read_config(files.model)   # the header only: sizes before loading
     for params in jobs:
         check_job(params, config, args.num_images, args.batch_size)
     tune_for_memory_mode(args.memory)  # this process is ours: reuse freed activations unless frugal
-    pipe = Pipeline.from_model_dir(model_dir, t5=t5, device=device, dtype=dtype, memory=args.memory,
-                                   compile=args.compile, check_weights=args.check_weights)
+    pipe = Pipeline(files, device=device, dtype=dtype, memory=args.memory, compile=args.compile,
+                    check_weights=args.check_weights)
     print(f"model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}); "
           f"device {pipe.device}, {DTYPES_BY_TORCH[pipe.dtype]}, memory {args.memory}, T5 {t5}", file=sys.stderr)
 

@@ -72,11 +72,15 @@ def test_file_without_vae(tmp_path):
         load_vae(path)
 
 
-def test_diffusers_format_vae(tmp_path):
+def test_incomplete_diffusers_format_vae(tmp_path):
+    """diffusers-format VAEs load (tests/test_model_formats.py); an incomplete one names what is missing."""
     path = tmp_path / "diffusion_pytorch_model.safetensors"
     save_safetensors({"decoder.up_blocks.0.resnets.0.conv1.weight": torch.zeros(2, 2, 3, 3),
                       "encoder.down_blocks.0.resnets.0.conv1.weight": torch.zeros(2, 2, 3, 3)}, path)
-    with pytest.raises(CheckpointError, match="diffusers-format VAE"):
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: missing key 'encoder\.conv_in"):
+        load_vae(path)
+    save_safetensors({"encoder.down_blocks.0.resnets.0.conv1.weight": torch.zeros(2, 2, 3, 3)}, path)
+    with pytest.raises(CheckpointError, match=r"diffusion_pytorch_model\.safetensors: a diffusers-format VAE without"):
         load_vae(path)
 
 

@@ -1,5 +1,6 @@
-"""`load_vae`: the VAE out of `sd3.5_medium.safetensors` (keys `first_stage_model.*`) or out of a separate
-VAE file (keys `encoder.*`/`decoder.*`, with or without that prefix) -> a ready `VAE`.
+"""`load_vae`: the VAE out of `sd3.5_medium.safetensors` (keys `first_stage_model.*`), out of a separate
+VAE file (keys `encoder.*`/`decoder.*`, with or without that prefix) or out of a diffusers-format folder (its
+`vae/`, names mapped as the tensors are read: vae/diffusers_names.py) -> a ready `VAE`.
 
 The configuration (widths, levels, blocks per level, latent channels) is read off the tensor shapes; the
 model is built on the meta device and the file's memory-mapped tensors are assigned into it (no second copy).
@@ -12,25 +13,33 @@ import re
 
 import torch
 
-from mmditx.checkpoint import (CheckpointError, SafetensorsFile, assign_from_file, build_on_meta, check_keys,
-                               expected_shapes, open_safetensors, parse_dtype)
+from mmditx.checkpoint import (CheckpointError, assign_from_file, build_on_meta, check_keys, expected_shapes,
+                               open_checkpoint, parse_dtype)
 
+from .diffusers_names import from_diffusers, is_diffusers_vae
 from .model import VAE, VAEConfig
 
 PREFIX = "first_stage_model."
 PROBE = "decoder.conv_in.weight"
 
 
-def _vae_prefix(f: SafetensorsFile) -> str:
+def open_vae(path: str | os.PathLike):
+    """The VAE's tensors under the official names, with the prefix they sit under."""
+    f = open_checkpoint(path, "vae", ("AutoencoderKL",))
+    if is_diffusers_vae(f):
+        return from_diffusers(f), ""
+    return f, _vae_prefix(f)
+
+
+def _vae_prefix(f) -> str:
     for prefix in (PREFIX, ""):
         if prefix + PROBE in f and prefix + "encoder.conv_in.weight" in f:
             return prefix
     keys = f.keys()
-    diffusers = next((k for k in keys if ".up_blocks." in k or ".down_blocks." in k), None)
-    if diffusers is not None and ("decoder." in diffusers or "encoder." in diffusers):
-        raise CheckpointError(f"{f.path}: this is a diffusers-format VAE (keys such as '{diffusers}'). "
-                              "Load the VAE from the original single file (sd3.5_medium.safetensors, keys "
-                              f"'{PREFIX}encoder.*' / '{PREFIX}decoder.*') instead.")
+    diffusers = next((k for k in keys if k.startswith("encoder.down_blocks.")), None)
+    if diffusers is not None:
+        raise CheckpointError(f"{f.path}: a diffusers-format VAE without its decoder (no 'decoder.up_blocks.*'). "
+                              "The file is incomplete: fetch vae/ again.")
     for prefix in (PREFIX, ""):
         if prefix + PROBE in f:
             raise CheckpointError(f"{f.path}: the VAE decoder is there but the encoder is not (no "
@@ -77,22 +86,22 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]], source: str = "checkp
 
 
 def read_vae_config(path: str | os.PathLike) -> VAEConfig:
-    """The VAE configuration stored in a checkpoint file, read from its header only."""
-    f = open_safetensors(path)
-    return config_from_shapes(f.shapes(_vae_prefix(f)), source=str(f.path))
+    """The VAE configuration stored in a checkpoint, read from its header(s) only."""
+    f, prefix = open_vae(path)
+    return config_from_shapes(f.shapes(prefix), source=str(f.path))
 
 
 def load_vae(path: str | os.PathLike, device: torch.device | str = "cpu",
              dtype: torch.dtype | str | None = torch.float32, check_finite: bool = False) -> VAE:
-    """Load the SD3 VAE from `sd3.5_medium.safetensors` or a separate VAE file.
+    """Load the SD3 VAE from `sd3.5_medium.safetensors`, a separate VAE file, or a diffusers-format folder
+    (the whole folder or its vae/ subfolder).
 
     dtype: weights are converted to it (fp32 on CPU; bf16/fp16 on GPU), None keeps the stored dtype.
     On CPU with the stored dtype the weights stay memory-mapped from the file (zero copy): do not modify
     or delete the file while the model is in use. Other components in the same file are ignored.
     """
     dtype = parse_dtype(dtype)
-    f = open_safetensors(path)
-    prefix = _vae_prefix(f)
+    f, prefix = open_vae(path)
     config = config_from_shapes(f.shapes(prefix), source=str(f.path))
     model = build_on_meta(lambda: VAE(config))
     # Under no prefix the file may also hold a bare transformer or text encoders: only encoder./decoder. count.

@@ -1,0 +1,84 @@
+"""The MMDiT-X transformer's tensor names in diffusers' format (SD3Transformer2DModel), and ours (the official file's).
+
+One table, read both ways: loading a diffusers folder maps each of its tensors to ours while assigning from the
+memory-mapped files (`from_diffusers`), and scripts/convert.py writes our tensors under diffusers' names
+(`to_diffusers`). The two differences beyond names:
+  - diffusers stores q, k and v as three linear layers (to_q, to_k, to_v; add_q_proj, ... for the context
+    stream); the official file fuses them into one qkv product. Loading concatenates them: the one copy
+    a diffusers folder costs (an attention block's q/k/v weights, transiently);
+  - diffusers' AdaLayerNormContinuous (the final layer, and the last block's pre-only context stream) orders its
+    modulation (scale, shift); the official one (shift, scale).
+Checked against diffusers' own `convert_sd3_transformer_checkpoint_to_diffusers` by tests/test_model_formats.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .checkpoint import CheckpointError, Rename, RenamedCheckpoint, to_ours, to_theirs
+
+# A key every SD3 diffusers transformer has; Flux's diffusers transformer has single_transformer_blocks instead.
+PROBE = "transformer_blocks.0.attn.to_q.weight"
+
+
+def _attention(ours: str, theirs: str, q: str, k: str, v: str, out: str | None, norm_q: str, norm_k: str):
+    rules = [Rename(f"{ours}.qkv.{{w}}", *(f"{theirs}.{n}.{{w}}" for n in (q, k, v))),
+             Rename(f"{ours}.ln_q.weight", f"{theirs}.{norm_q}.weight"),
+             Rename(f"{ours}.ln_k.weight", f"{theirs}.{norm_k}.weight")]
+    if out is not None:
+        rules.append(Rename(f"{ours}.proj.{{w}}", f"{theirs}.{out}.{{w}}"))
+    return rules
+
+
+def transformer_rules(depth: int) -> list[Rename]:
+    """The naming rules for a transformer of `depth` joint blocks (the last one's context stream is pre-only)."""
+    b, t = "joint_blocks.{b}", "transformer_blocks.{b}"
+    last = depth - 1
+    return [
+        Rename("pos_embed", "pos_embed.pos_embed"),
+        Rename("x_embedder.proj.{w}", "pos_embed.proj.{w}"),
+        Rename("t_embedder.mlp.0.{w}", "time_text_embed.timestep_embedder.linear_1.{w}"),
+        Rename("t_embedder.mlp.2.{w}", "time_text_embed.timestep_embedder.linear_2.{w}"),
+        Rename("y_embedder.mlp.0.{w}", "time_text_embed.text_embedder.linear_1.{w}"),
+        Rename("y_embedder.mlp.2.{w}", "time_text_embed.text_embedder.linear_2.{w}"),
+        Rename("context_embedder.{w}", "context_embedder.{w}"),
+        # image stream
+        *_attention(f"{b}.x_block.attn", f"{t}.attn", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k"),
+        *_attention(f"{b}.x_block.attn2", f"{t}.attn2", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k"),
+        Rename(f"{b}.x_block.adaLN_modulation.1.{{w}}", f"{t}.norm1.linear.{{w}}"),
+        Rename(f"{b}.x_block.mlp.fc1.{{w}}", f"{t}.ff.net.0.proj.{{w}}"),
+        Rename(f"{b}.x_block.mlp.fc2.{{w}}", f"{t}.ff.net.2.{{w}}"),
+        # context stream (the last block's is pre-only: no output projection or MLP, and a continuous norm)
+        *_attention(f"{b}.context_block.attn", f"{t}.attn", "add_q_proj", "add_k_proj", "add_v_proj",
+                    "to_add_out", "norm_added_q", "norm_added_k"),
+        Rename(f"joint_blocks.{last}.context_block.adaLN_modulation.1.{{w}}",
+               f"transformer_blocks.{last}.norm1_context.linear.{{w}}", swap_halves=True),
+        Rename(f"{b}.context_block.adaLN_modulation.1.{{w}}", f"{t}.norm1_context.linear.{{w}}"),
+        Rename(f"{b}.context_block.mlp.fc1.{{w}}", f"{t}.ff_context.net.0.proj.{{w}}"),
+        Rename(f"{b}.context_block.mlp.fc2.{{w}}", f"{t}.ff_context.net.2.{{w}}"),
+        Rename("final_layer.adaLN_modulation.1.{w}", "norm_out.linear.{w}", swap_halves=True),
+        Rename("final_layer.linear.{w}", "proj_out.{w}"),
+    ]
+
+
+def _depth(names, pattern: str) -> int:
+    blocks = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
+    return max(blocks) + 1 if blocks else 0
+
+
+def is_diffusers_transformer(f) -> bool:
+    return PROBE in f and "pos_embed.pos_embed" in f
+
+
+def from_diffusers(f) -> RenamedCheckpoint:
+    """A diffusers SD3Transformer2DModel checkpoint (file, shards) under the official names (no prefix)."""
+    depth = _depth(f.keys(), r"transformer_blocks\.(\d+)\.")
+    if depth == 0:
+        raise CheckpointError(f"{f.path}: no 'transformer_blocks.N.*' keys: not a diffusers SD3 transformer.")
+    return to_ours(f, transformer_rules(depth), "diffusers SD3 transformer")
+
+
+def to_diffusers(f, prefix: str = "model.diffusion_model.") -> RenamedCheckpoint:
+    """Our transformer's tensors (keys `prefix + name` in `f`) under diffusers' names."""
+    depth = _depth((k[len(prefix):] for k in f.keys() if k.startswith(prefix)), r"joint_blocks\.(\d+)\.")
+    return to_theirs(f, transformer_rules(depth), "diffusers SD3 transformer", prefix=prefix)
