@@ -114,13 +114,16 @@ class TextConditioner:
         return streamed_to or self.clip_l.text_model.final_layer_norm.weight.device
 
     @torch.no_grad()
-    def encode(self, prompts: str | list[str], t5_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: str | list[str], t5_length: int | None = None,
+               t5_tokens: int = T5_MIN_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
         """prompts (B of them) -> context (B, 77 + T, 4096), pooled (B, 2048), in the CLIP encoders' dtype.
 
         T, the T5 token count, is the batch's longest prompt (at least 77), or `t5_length` when given, so that
         a prompt and a negative prompt encoded apart can be batched (pass the same `t5_length`, or encode both
         lists in one call). Without T5, T = 77 of zeros. Every row is padded with T5's pad token 0 to T, as the
         official code pads a single prompt to 77: prompts under 77 T5 tokens get exactly the official result.
+        t5_tokens > 77 (up to 512, diffusers' `max_sequence_length`): T5 reads each whole prompt (no 226-character
+        cut), cut to and padded to exactly t5_tokens tokens, so T = t5_tokens. Without T5 it changes nothing.
         """
         device = self.device
         hidden_l, pooled_l = self.clip_l(self.tokenizer_l(prompts).to(device))     # (B, 77, 768), (B, 768)
@@ -130,7 +133,10 @@ class TextConditioner:
         if self.t5 is None:
             t5 = clip.new_zeros(clip.shape[0], t5_length or T5_MIN_LENGTH, CONTEXT_WIDTH)
         else:
-            ids = self.tokenizer_t5(prompts, min_length=t5_length)
+            if t5_tokens != T5_MIN_LENGTH:
+                ids = self.tokenizer_t5(prompts, max_length=t5_tokens)
+            else:
+                ids = self.tokenizer_t5(prompts, min_length=t5_length)
             if t5_length is not None and ids.shape[1] > t5_length:
                 raise ValueError(f"a prompt has {ids.shape[1]} T5 tokens, more than t5_length={t5_length}")
             t5 = self.t5(ids.to(device)).to(clip.dtype)                            # (B, T, 4096)

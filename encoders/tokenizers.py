@@ -6,7 +6,9 @@ CLIP (CLIP-L and CLIP-G share one vocabulary): byte-level BPE from `vocab.json` 
 (CLIP-L pads with the end token 49407, CLIP-G with 0, as the official code does).
 
 T5: sentencepiece from `spiece.model`. No start token; end token 1; padded with 0 to at least 77 ids (longer
-prompts keep all their tokens). Like the official code, T5 sees only the prompt's first 226 characters.
+prompts keep all their tokens). Like the official code, T5 sees only the prompt's first 226 characters; with
+a longer T5 length (`max_length`, up to 512, as diffusers' `max_sequence_length`) it reads the whole prompt,
+cut to that many tokens (the last being the end token) and padded with 0 to exactly that many.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ CLIP_LENGTH = 77
 T5_MIN_LENGTH = 77
 T5_MAX_CHARS = 226      # the official sd3 code hands T5 text[:226]
 T5_WARN_TOKENS = 256    # the model card reports artifacts at the image edges beyond 256 T5 tokens
+T5_MAX_LENGTH = 512     # diffusers' limit for max_sequence_length
 # Unicode's White_Space characters (str.split() would also split on \x1c-\x1f, which T5's tokenizer keeps)
 _UNICODE_SPACE = re.compile("[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
 
@@ -140,7 +143,8 @@ class T5Tokenizer:
     `max_chars` characters (226, as the official code does: None keeps it whole), split on spaces and
     newlines, each word encoded by sentencepiece (as the official code feeds words one by one), then end
     token 1 is appended and every row padded with 0 to `min_length` (77) or the batch's longest row.
-    Rows over 256 tokens get a warning: SD3.5 was trained with at most 256 T5 tokens.
+    `max_length` (78..512) reads whole prompts instead, see the module's docstring.
+    Rows over 256 tokens get a warning: the SD3.5 model card reports edge artifacts beyond 256 T5 tokens.
     """
 
     def __init__(self, path: str | os.PathLike, min_length: int = T5_MIN_LENGTH, max_chars: int | None = T5_MAX_CHARS):
@@ -160,21 +164,31 @@ class T5Tokenizer:
                              f"{self.end_id} and pad {self.pad_id}. Is it T5's spiece.model?")
         self.min_length, self.max_chars = min_length, max_chars
 
-    def tokenize(self, prompt: str) -> list[int]:
-        """One prompt -> ids with the end token, unpadded."""
-        if self.max_chars is not None:
+    def tokenize(self, prompt: str, max_length: int | None = None) -> list[int]:
+        """One prompt -> ids with the end token, unpadded. max_length None: the prompt's first `max_chars`
+        characters; otherwise the whole prompt, its ids cut to max_length (the end token kept last)."""
+        if self.max_chars is not None and max_length is None:
             prompt = prompt[: self.max_chars]
         # Words as T5TokenizerFast (the official code's tokenizer) finds them: sentencepiece's own normalization
         # first (it drops some control characters and maps odd spaces to ' '), then a split on Unicode spaces.
         words = _UNICODE_SPACE.split(self.sp.normalize(prompt).replace("\u2581", " "))
         words = [w for w in words if w]
         ids = [i for word in self.sp.encode(words) for i in word] + [self.end_id]
+        if max_length is not None and len(ids) > max_length:
+            warnings.warn(f"the prompt has {len(ids)} T5 tokens; T5 reads the first {max_length}: dropped the "
+                          f"rest (raise the T5 length, up to {T5_MAX_LENGTH}, to keep them)", stacklevel=3)
+            ids = ids[: max_length - 1] + [self.end_id]
         if len(ids) > T5_WARN_TOKENS:
             warnings.warn(f"the prompt has {len(ids)} T5 tokens; SD3.5 was trained with at most {T5_WARN_TOKENS} "
-                          "and may draw artifacts at the image edges beyond that.", stacklevel=3)
+                          "and its model card warns of artifacts at the image edges beyond that.", stacklevel=3)
         return ids
 
-    def __call__(self, prompts: str | list[str], min_length: int | None = None) -> torch.Tensor:
-        rows = [self.tokenize(p) for p in _as_list(prompts)]
-        length = max([min_length or self.min_length, *map(len, rows)])
+    def __call__(self, prompts: str | list[str], min_length: int | None = None,
+                 max_length: int | None = None) -> torch.Tensor:
+        """(B, T) ids. max_length None: the official rule (first 226 characters, T = max(77, longest));
+        otherwise the whole prompt, T = max_length (the ids cut to it, the end token kept last)."""
+        if max_length is not None and not T5_MIN_LENGTH <= max_length <= T5_MAX_LENGTH:
+            raise ValueError(f"the T5 length must be between {T5_MIN_LENGTH} and {T5_MAX_LENGTH}, not {max_length}")
+        rows = [self.tokenize(p, max_length) for p in _as_list(prompts)]
+        length = max_length or max([min_length or self.min_length, *map(len, rows)])
         return torch.tensor([r + [self.pad_id] * (length - len(r)) for r in rows], dtype=torch.long)

@@ -33,6 +33,7 @@ class GuidedDenoiser:
 
     model(x, t, context=, y=, skip_layers=) is the transformer (t = sigma * 1000). `cond` and `uncond` are
     (context, pooled) pairs for the same batch of images. `calls` records (step, skip pass?) for inspection.
+    `calls_per_step`: model evaluations per sampler step (2 for heun), so that the SLG window counts steps.
     """
     model: object
     cond: tuple[torch.Tensor, torch.Tensor]
@@ -42,6 +43,7 @@ class GuidedDenoiser:
     slg: SkipLayerGuidance | None = None
     step: int = 0
     calls: list = field(default_factory=list)
+    calls_per_step: int = 1
 
     def velocity(self, x, sigma, context, y, skip_layers=()):
         t = (sigma * 1000).to(torch.float32).expand(x.shape[0])
@@ -57,10 +59,11 @@ class GuidedDenoiser:
             v_cond, v_uncond = self.velocity(torch.cat([x, x]), sigma, torch.cat([c_ctx, u_ctx]),
                                              torch.cat([c_y, u_y])).chunk(2)
             v = v_uncond + (v_cond - v_uncond) * self.cfg
-        skip = self.slg is not None and self.slg.active(self.step, self.steps)
+        step = self.step // self.calls_per_step
+        skip = self.slg is not None and self.slg.active(step, self.steps)
         if skip:
             v_skip = self.velocity(x, sigma, c_ctx, c_y, skip_layers=self.slg.layers)
             v = v + (v_cond - v_skip) * self.slg.scale
-        self.calls.append((self.step, skip))
+        self.calls.append((step, skip))
         self.step += 1
         return x - v * sigma

@@ -16,12 +16,14 @@ Memory modes:
 from __future__ import annotations
 
 import gc
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import encoders
@@ -29,17 +31,20 @@ import vae as vae_lib
 from mmditx import load_mmditx, read_config, stream_weights
 from encoders.clip import PREFIXES as CLIP_PREFIXES
 from encoders.t5 import PREFIXES as T5_PREFIXES
+from encoders.tokenizers import T5_MAX_LENGTH, T5_MIN_LENGTH
 from mmditx.checkpoint import open_safetensors, parse_device, parse_dtype, read_model_index
 
 from .defaults import load_sampling_defaults
 from .guidance import GuidedDenoiser, SkipLayerGuidance
 from .io import check_image_file, read_image
 from .metadata import MetadataError, checked, to_json_dict, validate
-from .samplers import SAMPLERS, get_sampler
-from .schedule import img2img_sigmas, initial_noise, noise_latent, sigmas
+from .samplers import MODEL_CALLS_PER_STEP, SAMPLERS, get_sampler
+from .schedule import img2img_sigmas, initial_noise, noise_latent
+from .schedulers import SCHEDULERS, schedule as make_schedule
 
 MODEL_FILE_NAMES = ("sd3.5_medium.safetensors", "sd3.5_large.safetensors", "sd3_medium.safetensors")
 MEMORY_MODES = ("resident", "sequential", "frugal")
+HIRES_UPSCALERS = ("latent", "lanczos")
 T5_FILES = {"fp16": "t5xxl_fp16.safetensors", "fp8": "t5xxl_fp8_e4m3fn.safetensors"}
 CLIP_PROBE = "text_model.embeddings.token_embedding.weight"
 
@@ -90,6 +95,14 @@ class GenerationParams:
     slg_end: float = checked(0.20, lo=0.0, hi=1.0)
     denoise: float = checked(1.0, lo=0.0, lo_open=True, hi=1.0)
     init_image: str | None = None
+    scheduler: str = checked("official", choices=tuple(SCHEDULERS))  # sampling.schedulers ('official' = 'normal')
+    t5_tokens: int = checked(T5_MIN_LENGTH, lo=T5_MIN_LENGTH, hi=T5_MAX_LENGTH)  # > 77: T5 reads whole prompts
+    # two-stage (hi-res) generation, off while hires_scale is None: see Pipeline._hires
+    hires_scale: float | None = checked(None, lo=1.0, lo_open=True, hi=16.0)
+    hires_denoise: float = checked(0.45, lo=0.0, lo_open=True, hi=1.0)
+    hires_steps: int | None = checked(None, lo=1, hi=MAX_STEPS)       # None: `steps`
+    hires_upscale: str = checked("latent", choices=HIRES_UPSCALERS)
+    hires_model_dir: str | None = None                                # a second model for the second pass
 
     # Stored by every version so far: a PNG lacking one of these was not written by generate.py.
     REQUIRED_IN_METADATA = ("prompt", "negative_prompt", "width", "height", "steps", "cfg", "shift", "sampler",
@@ -245,13 +258,18 @@ def check_job(p: GenerationParams, config, num_images: int = 1, batch_size: int 
         raise ValueError(f"batch_size must be between 1 and {MAX_BATCH}, got {batch_size}")
     if p.slg and max(p.slg_layers, default=-1) >= config.depth:
         raise ValueError(f"skip-layer guidance layers {p.slg_layers} outside the model's 0..{config.depth - 1}")
-    schedule = sigmas(p.steps, p.shift)
+    schedule = make_schedule(p.scheduler, p.steps, p.shift)
     if p.init_image is not None:
         check_image_file(p.init_image, "init image")
         schedule = img2img_sigmas(schedule, p.denoise)
     if not torch.isfinite(schedule).all():
         raise ValueError(f"shift {p.shift} gives a schedule with non-finite noise levels: use a shift near 3")
     return schedule
+
+
+def hires_size(p: GenerationParams) -> tuple[int, int]:
+    """(width, height) of the second pass: the first pass's times hires_scale, to the nearest multiple of 16."""
+    return (max(16, round(p.width * p.hires_scale / 16) * 16), max(16, round(p.height * p.hires_scale / 16) * 16))
 
 
 class Pipeline:
@@ -315,9 +333,9 @@ class Pipeline:
 
     # -- the job -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], negatives: list[str]):
+    def encode_prompts(self, prompts: list[str], negatives: list[str], t5_tokens: int = T5_MIN_LENGTH):
         # One call, so prompt and negative share one T5 length and can be batched together for CFG.
-        context, pooled = self.text_encoder().encode(list(prompts) + list(negatives))
+        context, pooled = self.text_encoder().encode(list(prompts) + list(negatives), t5_tokens=t5_tokens)
         self._release("_text")
         n = len(prompts)
         return (context[:n], pooled[:n]), (context[n:], pooled[n:])
@@ -338,16 +356,20 @@ class Pipeline:
         schedule = check_job(p, self.config, num_images, batch_size)
         sampler = get_sampler(p.sampler)
         slg = SkipLayerGuidance(p.slg_layers, p.slg_scale, p.slg_start, p.slg_end) if p.slg else None
+        hires_files = self._check_hires(p)
 
-        cond, uncond = self.encode_prompts([p.prompt], [p.negative_prompt])   # (1, ...) each, shared by all
+        cond, uncond = self.encode_prompts([p.prompt], [p.negative_prompt], p.t5_tokens)   # (1, ...), shared
         for t, what in ((cond[0], "prompt"), (uncond[0], "negative prompt")):
             check_finite(t, f"encoding the {what} (text encoders)")
         init_latent = self._encode_image(p.init_image, p.width, p.height) if p.init_image is not None else None
 
         seeds = [p.seed + k for k in range(num_images)]
-        latents = [self._sample(p, sampler, schedule, cond, uncond, init_latent, slg, seeds[i:i + batch_size],
-                                callback)
-                   for i in range(0, num_images, batch_size)]
+        batches = [seeds[i:i + batch_size] for i in range(0, num_images, batch_size)]
+        generators = [[torch.Generator("cpu").manual_seed(s) for s in b] for b in batches]  # ancestral noise
+        latents = [self._sample(p, sampler, schedule, cond, uncond, init_latent, slg, b, g, callback)
+                   for b, g in zip(batches, generators)]
+        if p.hires_scale is not None:
+            latents = self._hires(p, sampler, latents, cond, uncond, slg, batches, generators, hires_files, callback)
         self._release("_transformer")
         x = torch.cat(latents)
 
@@ -360,14 +382,18 @@ class Pipeline:
         pil = vae_lib.tensor_to_images(torch.cat(images))
         return (pil, x) if return_latents else pil
 
-    def _sample(self, p: GenerationParams, sampler, schedule, cond, uncond, init_latent, slg, seeds, callback):
-        """One batch: the latents (len(seeds), 16, H/8, W/8) after sampling, each image from its own generators."""
+    def _sample(self, p: GenerationParams, sampler, schedule, cond, uncond, init_latent, slg, seeds, generators,
+                callback, size: tuple[int, int] | None = None, steps: int | None = None, model=None):
+        """One batch: the latents (len(seeds), 16, H/8, W/8) after sampling, each image from its own generators.
+        size (height, width), steps and model: the second pass's, when not the first's."""
         n = len(seeds)
-        noise = initial_noise(seeds, self.config.in_channels, p.height, p.width)
+        height, width = size or (p.height, p.width)
+        noise = initial_noise(seeds, self.config.in_channels, height, width)
         latent = None if init_latent is None else init_latent.expand(n, -1, -1, -1)
         x = noise_latent(noise, latent, schedule[0]).to(self.device)
         as_model = [t.expand(n, *t.shape[1:]).to(self.device, self.dtype) for t in (*cond, *uncond)]
-        denoiser = GuidedDenoiser(self.transformer(), tuple(as_model[:2]), tuple(as_model[2:]), p.cfg, p.steps, slg)
+        denoiser = GuidedDenoiser(model or self.transformer(), tuple(as_model[:2]), tuple(as_model[2:]), p.cfg,
+                                  steps or p.steps, slg, calls_per_step=MODEL_CALLS_PER_STEP.get(p.sampler, 1))
         total = len(schedule) - 1
         if callback:
             callback(-1, total, None)
@@ -378,8 +404,62 @@ class Pipeline:
             if callback:
                 callback(i, total, denoised)
 
-        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]   # ancestral noise, per image
         return sampler(denoiser, x.float(), schedule.to(self.device), step_done, generator=generators).cpu()
+
+    # -- two-stage (hi-res) generation ---------------------------------------------------------------------
+    def _check_hires(self, p: GenerationParams) -> ModelFiles | None:
+        """What the field table cannot check, before any work: the size against the (second) model's positional
+        table, and the second model's files (returned, or None)."""
+        if p.hires_scale is None:
+            return None
+        try:
+            files = ModelFiles.from_dir(p.hires_model_dir, t5="off") if p.hires_model_dir else None
+        except FileNotFoundError as e:
+            raise ValueError(f"hires model: {e}") from None
+        config = read_config(files.model) if files else self.config
+        width, height = hires_size(p)
+        most = 8 * config.max_latent_size
+        if max(width, height) > most:
+            raise ValueError(f"hires_scale {p.hires_scale} makes {width}x{height}, larger than the positional table "
+                             f"allows ({most} pixels a side): use a hires_scale of at most "
+                             f"{math.floor(most / max(p.width, p.height) * 100) / 100}")
+        if p.slg and max(p.slg_layers, default=-1) >= config.depth:
+            raise ValueError(f"skip-layer guidance layers {p.slg_layers} outside the second model's "
+                             f"0..{config.depth - 1}")
+        return files
+
+    def _hires(self, p: GenerationParams, sampler, latents, cond, uncond, slg, batches, generators,
+               files: ModelFiles | None, callback) -> list[torch.Tensor]:
+        """The second pass, batch by batch: the first pass's latents upscaled to hires_size, then image-to-image
+        at strength hires_denoise with hires_steps (fresh noise from the same seeds at the new size; ancestral
+        noise continues each image's generator). 'latent' upscales the latent bilinearly (A1111's 'Latent'
+        upscaler); 'lanczos' decodes, resizes the 8-bit image with Lanczos and encodes it again, exactly what
+        --init-image does with the saved first image. The VAE tiles above 1024x1024 (vae.model)."""
+        width, height = hires_size(p)
+        steps = p.hires_steps or p.steps
+        schedule = img2img_sigmas(make_schedule(p.scheduler, steps, p.shift), p.hires_denoise)
+        starts = [self._upscale(p.hires_upscale, x, width, height) for x in latents]
+        model = None
+        if files is not None:  # the second model: loaded now and freed after (the first one first, unless resident)
+            self._release("_transformer")
+            model = load_mmditx(files.model, device="cpu" if self.memory == "frugal" else self.device,
+                                dtype=None if self.memory == "frugal" else self.dtype, check_finite=self.check_weights)
+            if self.memory == "frugal":
+                model = stream_weights(model, self.device, self.dtype)
+        return [self._sample(p, sampler, schedule, cond, uncond, start, slg, b, g, callback, size=(height, width),
+                             steps=steps, model=model)
+                for start, b, g in zip(starts, batches, generators)]
+
+    def _upscale(self, how: str, latent: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """(n, 16, h, w) -> (n, 16, height/8, width/8), image by image as a single run would do it."""
+        if how == "latent":
+            return F.interpolate(latent.float(), size=(height // 8, width // 8), mode="bilinear")
+        out = []
+        for k in range(latent.shape[0]):
+            image = vae_lib.tensor_to_images(self.autoencoder().decode(latent[k:k + 1].to(self.device)))[0]
+            image = image.resize((width, height), Image.LANCZOS)
+            out.append(self.autoencoder().encode(vae_lib.image_to_tensor(image), sample=False).float().cpu())
+        return torch.cat(out)
 
     def _encode_image(self, path: str, width: int, height: int) -> torch.Tensor:
         image = read_image(path, "init image")

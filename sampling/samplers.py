@@ -96,7 +96,69 @@ def euler_ancestral(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, ca
     return x
 
 
-SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral, "dpmpp_2m": dpmpp_2m}
+@torch.no_grad()
+def heun(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None,
+         generator: Generators = None) -> torch.Tensor:
+    """Heun's method, k-diffusion's `sample_heun` (Karras et al. 2022, Algorithm 1): two model calls per step,
+        d = (x - denoised) / sigma,  x_2 = x + d (sigma_next - sigma),  d_2 the same at (x_2, sigma_next),
+        x = x + (d + d_2) / 2 (sigma_next - sigma);  the last step (sigma_next = 0) is an Euler step."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, sigma)
+        d = (x - denoised) / sigma
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma)
+        else:
+            x_2 = x + d * (sigma_next - sigma)
+            d_2 = (x_2 - denoise(x_2, sigma_next)) / sigma_next
+            x = x + (d + d_2) / 2 * (sigma_next - sigma)
+        if callback:
+            callback(i, x, denoised)
+    return x
+
+
+@torch.no_grad()
+def dpmpp_2m_sde(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback = None,
+                 generator: Generators = None, eta: float = 1.0) -> torch.Tensor:
+    """DPM-Solver++(2M) SDE, midpoint form, for flow models: ComfyUI's `sample_dpmpp_2m_sde` with the flow
+    model's half log-SNR lambda = log((1 - sigma) / sigma) and alpha = 1 - sigma. With h = lambda_next - lambda,
+    g = 1 - e^(-h (1 + eta)) and, after the first step, r = h_prev / h:
+        x = (sigma_next / sigma) e^(-h eta) x + alpha_next g denoised
+            + alpha_next g / (2 r) (denoised - denoised_prev) + sigma_next sqrt(1 - e^(-2 h eta)) noise,
+    and x = denoised on the last step. The noise comes from `generator` (on the CPU, so results do not depend
+    on the device; ComfyUI draws it from a Brownian tree: the same distribution, other numbers). At sigma = 1
+    (lambda = -inf) the step is its limit, x = alpha_next denoised + sigma_next noise, and the next step is
+    first order; ComfyUI moves a first sigma of 1 to sigma(0.9999) instead."""
+    old_denoised, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoise(x, sigma)
+        if sigma_next == 0:
+            x, h = denoised, None
+        else:
+            alpha_next = 1 - sigma_next
+            if sigma >= 1:  # h = inf: e^(-h eta) = 0 (1 if eta = 0), g = 1
+                h = None
+                x = (0 if eta > 0 else sigma_next) * x + alpha_next * denoised
+                noise_scale = sigma_next
+            else:
+                h = torch.log((1 - sigma_next) / sigma_next) - torch.log((1 - sigma) / sigma)
+                x = (sigma_next / sigma) * torch.exp(-h * eta) * x + alpha_next * -torch.expm1(-h * (1 + eta)) * denoised
+                if old_denoised is not None and h_last is not None:
+                    r = h_last / h
+                    x = x + 0.5 * alpha_next * -torch.expm1(-h * (1 + eta)) / r * (denoised - old_denoised)
+                noise_scale = sigma_next * (-torch.expm1(-2 * h * eta)).sqrt()
+            if eta > 0:
+                x = x + noise_scale * step_noise(x, generator)
+        old_denoised, h_last = denoised, h
+        if callback:
+            callback(i, x, denoised)
+    return x
+
+
+SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral, "heun": heun, "dpmpp_2m": dpmpp_2m,
+            "dpmpp_2m_sde": dpmpp_2m_sde}
+MODEL_CALLS_PER_STEP = {"heun": 2}  # the others call the model once per step (see GuidedDenoiser.calls_per_step)
 
 
 def get_sampler(name: str):

@@ -26,10 +26,13 @@ if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
 else:
     sys.path.insert(0, str(ROOT))
 
+import dataclasses  # noqa: E402  (imports `inspect`: after the path fix above)
+
 import torch  # noqa: E402
 
 from sampling.pipeline import MEMORY_MODES  # noqa: E402
 from sampling.samplers import SAMPLERS  # noqa: E402
+from sampling.schedulers import SCHEDULERS  # noqa: E402
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,10 +64,20 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=float)
     p.add_argument("--shift", type=float)
     p.add_argument("--sampler", choices=sorted(SAMPLERS))
+    p.add_argument("--scheduler", choices=list(SCHEDULERS),
+                   help="sigma schedule (default: official; ComfyUI's definitions for flow models, beta = 0.6/0.6)")
     p.add_argument("--seed", type=int)
     p.add_argument("--slg", action=argparse.BooleanOptionalAction, default=None, help="skip-layer guidance")
     p.add_argument("--init-image", type=Path, help="image-to-image: start from this image")
     p.add_argument("--denoise", type=float, help="image-to-image strength in (0, 1] (default 0.6 with --init-image)")
+    hires = p.add_argument_group("two-stage (hi-res) generation: a first pass at --width x --height, then "
+                                 "image-to-image at the larger size")
+    hires.add_argument("--hires-scale", type=float, help="second pass size / first pass size, more than 1 (e.g. 1.5)")
+    hires.add_argument("--hires-denoise", type=float, help="second pass strength in (0, 1] (default 0.45)")
+    hires.add_argument("--hires-steps", type=int, help="second pass steps (default: --steps)")
+    hires.add_argument("--hires-upscale", choices=["latent", "lanczos"],
+                       help="latent: bilinear on the latent (default); lanczos: on the decoded image")
+    hires.add_argument("--hires-model-dir", type=Path, help="a second model for the second pass (official layout)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds seed, seed+1, ...)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="images sampled together (default 1: image k equals a single run at seed+k bit for bit; "
@@ -79,6 +92,10 @@ def parse_args(argv=None):
                         "the memory)")
     p.add_argument("--t5", choices=["fp16", "fp8", "off"], default=None,
                    help="T5 weights: fp16 (default), fp8 or off; --reproduce: the stored mode")
+    p.add_argument("--t5-tokens", type=int, metavar="N",
+                   help="T5 sequence length: 77 (default) gives T5 the prompt's first 226 characters as the official "
+                        "code does; 78..512 the whole prompt, cut and padded to N tokens (diffusers' "
+                        "max_sequence_length); the model card warns of edge artifacts past 256")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer: the first step of each size compiles (minutes on CPU), "
                         "later steps run faster; pays for many images or steps (not with --memory frugal)")
@@ -172,6 +189,9 @@ def build_params(args, prompt: str | None, stored):
 
     overrides = {"negative_prompt": args.negative_prompt, "width": args.width, "height": args.height,
                  "steps": args.steps, "cfg": args.cfg, "shift": args.shift, "sampler": args.sampler, "seed": args.seed,
+                 "scheduler": args.scheduler, "t5_tokens": args.t5_tokens, "hires_scale": args.hires_scale,
+                 "hires_denoise": args.hires_denoise, "hires_steps": args.hires_steps, "hires_upscale": args.hires_upscale,
+                 "hires_model_dir": str(args.hires_model_dir) if args.hires_model_dir else None,
                  "slg": args.slg, "denoise": args.denoise,
                  "init_image": str(args.init_image) if args.init_image else None}
     if args.negative_prompt is not None:
@@ -210,8 +230,10 @@ def run(argv=None) -> int:
     from sampling.io import prepare_output, progress_callback, save_png
     from mmditx import read_config
     from mmditx.checkpoint import parse_device
+    from sampling.jobs import Rank, plan_names, share
     from sampling.pipeline import MAX_BATCH, MAX_IMAGES, ModelFiles, Pipeline, check_job
 
+    me = Rank.from_env()   # one process, or one of torchrun's
     # Everything that can be checked is checked before anything loads: values, prompts, --out.
     if not 1 <= args.num_images <= MAX_IMAGES:
         raise ValueError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
@@ -222,12 +244,24 @@ def run(argv=None) -> int:
     parse_device(device)
     jobs = [build_params(args, prompt, stored) for prompt in read_prompts(args)]
     out_dir, out_file = prepare_output(args.out)
+    # The whole job, image by image in a fixed order, and every image's file name, decided before sampling.
+    images = [(params, k) for params in jobs for k in range(args.num_images)]
+    names = plan_names([out_file or out_dir / f"{params.seed + k:06d}.png" for params, k in images])
+    if me.world > 1:
+        names = start_group(me, names)   # rank 0's plan, so that no file written meanwhile changes it
+        if device and device.startswith("cuda") and ":" not in device:
+            device = f"cuda:{me.local_rank}"   # one GPU per process
 
-    if args.model is not None:
-        model_dir, embedded = args.model, False
-    else:
-        model_dir, embedded = model_dir_or_embedded(
+    def locate():
+        if args.model is not None:
+            return args.model, False
+        return model_dir_or_embedded(
             args.model_dir, "Its images are noise; pass --model-dir with the official files for real images.")
+    if me.rank == 0:   # builds the embedded model set on first use: once, before the others look for it
+        model_dir, embedded = locate()
+    barrier(me)
+    if me.rank > 0:
+        model_dir, embedded = locate()
     files = (ModelFiles.from_single_file(args.model, args.tokenizers, t5=t5) if args.model is not None
              else ModelFiles.from_dir(model_dir, t5=t5))
     config = read_config(files.model)   # the header only: sizes before loading
@@ -236,25 +270,76 @@ def run(argv=None) -> int:
     tune_for_memory_mode(args.memory)  # this process is ours: reuse freed activations unless frugal
     pipe = Pipeline(files, device=device, dtype=dtype, memory=args.memory, compile=args.compile,
                     check_weights=args.check_weights)
-    print(f"model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}); "
+    who = f"process {me.rank + 1}/{me.world}: " if me.world > 1 else ""
+    print(f"{who}model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}); "
           f"device {pipe.device}, {DTYPES_BY_TORCH[pipe.dtype]}, memory {args.memory}, T5 {t5}", file=sys.stderr)
 
-    written = []
-    for params in jobs:
-        print(f"sampler {params.sampler}, {params.steps} steps, cfg {params.cfg}, shift {params.shift}, "
+    mine = share(len(images), me.rank, me.world)
+    written, begin = {}, time.perf_counter()
+    for first, count in runs_of_one_prompt(images, mine):
+        params, k0 = images[first]
+        params = dataclasses.replace(params, seed=params.seed + k0)   # image k0 + i is a run with seed + k0 + i
+        print(f"{who}sampler {params.sampler}, {params.steps} steps, cfg {params.cfg}, shift {params.shift}, "
               f"SLG {'on (layers ' + ','.join(map(str, params.slg_layers)) + ')' if params.slg else 'off'}, "
+              f"{params.scheduler} schedule, "
               f"{params.width}x{params.height}, seed {params.seed} (preset {args.preset})", file=sys.stderr)
         start = time.perf_counter()
-        images = pipe.generate(params, num_images=args.num_images, batch_size=args.batch_size,
-                               callback=progress_callback(args.quiet))
-        for k, image in enumerate(images):
-            name = out_file or out_dir / f"{params.seed + k:06d}.png"
-            written.append(save_png(image, name, image_metadata(params, k, pipe, t5, embedded)))
-            print(f"wrote {written[-1]}", file=sys.stderr)
-        print(f"{len(images)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    for path in written:
-        print(path)
+        out = pipe.generate(params, num_images=count, batch_size=args.batch_size,
+                            callback=progress_callback(args.quiet or me.rank > 0))
+        for i, image in enumerate(out):
+            written[first + i] = save_png(image, names[first + i], image_metadata(params, i, pipe, t5, embedded))
+            print(f"{who}wrote {written[first + i]}", file=sys.stderr)
+        print(f"{who}{len(out)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    if me.world > 1:
+        written = finish_group(me, written, time.perf_counter() - begin)
+    for j in sorted(written):
+        print(written[j])
     return 0
+
+
+def runs_of_one_prompt(images, indices: range):
+    """(first index, count) of each run of consecutive images of one prompt within `indices`."""
+    start = None
+    for j in indices:
+        if start is None or images[j][0] is not images[start][0]:
+            if start is not None:
+                yield start, j - start
+            start = j
+    if start is not None:
+        yield start, indices.stop - start
+
+
+def start_group(me, names):
+    """Join torchrun's gloo group (CPU or GPU alike: it only carries file names and the summary); rank 0's
+    names for everyone."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    box = [names]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(me) -> None:
+    if me.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def finish_group(me, written: dict, seconds: float) -> dict:
+    """Every process's written files to rank 0, which prints the summary; the others return nothing to print."""
+    import torch.distributed as dist
+
+    gathered = [None] * me.world if me.rank == 0 else None
+    dist.gather_object((written, seconds), gathered, dst=0)
+    dist.destroy_process_group()
+    if me.rank > 0:
+        return {}
+    merged = {j: path for part, _ in gathered for j, path in part.items()}
+    times = ", ".join(f"{s:.1f}" for _, s in gathered)
+    print(f"{len(merged)} image(s) from {me.world} processes (sampling and writing, s per process: {times})",
+          file=sys.stderr)
+    return merged
 
 
 if __name__ == "__main__":

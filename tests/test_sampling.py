@@ -100,7 +100,7 @@ def test_samplers_reach_a_constant_target(name):
 
 
 def test_unknown_sampler():
-    with pytest.raises(ValueError, match="unknown sampler 'ddim'.*dpmpp_2m, euler, euler_ancestral"):
+    with pytest.raises(ValueError, match="unknown sampler 'ddim'.*dpmpp_2m, dpmpp_2m_sde, euler, euler_ancestral, heun"):
         get_sampler("ddim")
 
 
