@@ -22,6 +22,8 @@ if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
 else:
     sys.path.insert(0, str(ROOT))
 
+from scripts.errors import add_debug_flag, run_cli  # noqa: E402
+
 
 def floats(text: str, n: int) -> tuple[float, ...]:
     values = [float(v) for v in text.split(",")]
@@ -88,6 +90,7 @@ def parse_args(argv=None):
     v.add_argument("--validate-every", type=int, default=None)
     v.add_argument("--validation-steps", type=int, default=20)
     v.add_argument("--validation-cfg", type=float, default=4.0)
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
@@ -134,4 +137,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))   # OS, decoding, image and device errors as one line (scripts/errors.py)
