@@ -162,7 +162,8 @@ def test_evaluation_prompts_cover_each_held_out_combination_and_parse_back():
     assert all(sh.held_out_reasons(s) == [] for _, s in seen)
     assert sorted(len(s.objects) for _, s in seen) == sorted(len(s.objects) for _, s in held)
     for prompt, scene in held + seen:
-        assert sh.parse_caption(prompt) == scene and None not in (scene.background, *scene.objects[0].attributes().values())
+        assert sh.parse_caption(prompt) == scene
+        assert None not in (scene.background, *(v for o in scene.objects for v in o.attributes().values()))
     assert held[0][0] == sh.evaluation_prompts("held_out", per_combination=2)[0][0]  # fixed by the seed
 
 
