@@ -57,6 +57,15 @@ def test_write_dataset_files_are_identical_across_runs_and_a_prefix_of_larger_on
         sh.write_dataset(one, 3, size=64)
 
 
+def test_the_trainer_reads_the_dataset_folder(tmp_path):
+    from training.data import scan_folder
+    folder = sh.write_dataset(tmp_path / "ds", 5, size=128, seed=2)
+    examples, report = scan_folder(folder, resolution=128, on_error="stop")
+    assert not report and [e.image.name for e in examples] == [f"{i:06d}.png" for i in range(5)]
+    assert [e.caption for e in examples] == [sh.training_sample(i, 2)[2] for i in range(5)]
+    assert {e.bucket for e in examples} == {(128, 128)}
+
+
 def test_images_are_anti_aliased_at_the_requested_size():
     scene = Scene("white", (Obj("circle", "red", "large", "centre", box=(0.5, 0.5, 0.4)),))
     a = np.asarray(sh.render(scene, 96))
@@ -162,7 +171,8 @@ def test_evaluation_prompts_cover_each_held_out_combination_and_parse_back():
     assert all(sh.held_out_reasons(s) == [] for _, s in seen)
     assert sorted(len(s.objects) for _, s in seen) == sorted(len(s.objects) for _, s in held)
     for prompt, scene in held + seen:
-        assert sh.parse_caption(prompt) == scene and None not in (scene.background, *scene.objects[0].attributes().values())
+        assert sh.parse_caption(prompt) == scene
+        assert None not in (scene.background, *(v for o in scene.objects for v in o.attributes().values()))
     assert held[0][0] == sh.evaluation_prompts("held_out", per_combination=2)[0][0]  # fixed by the seed
 
 
