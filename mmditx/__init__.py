@@ -7,8 +7,9 @@
 from .checkpoint import CheckpointError
 from .config import ConfigError, MMDiTXConfig, load_config
 from .loading import load_mmditx, read_config
+from .lora import LoraError, apply_lora
 from .model import MMDiTX
 from .streaming import stop_streaming, stream_weights
 
 __all__ = ["MMDiTX", "MMDiTXConfig", "load_mmditx", "read_config", "load_config", "CheckpointError", "ConfigError",
-           "stream_weights", "stop_streaming"]
+           "stream_weights", "stop_streaming", "apply_lora", "LoraError"]

@@ -486,3 +486,209 @@ def save_lora(path, factors: Mapping[str, LoraFactor], format: str = "diffusers"
         os.unlink(tmp)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying: merged into the weights, removable bit-exactly
+
+ROWS = 256  # rows of a weight updated per step: the delta of one slice stays in cache, never the whole (out, in)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor as integers (so -0.0 and NaN compare as themselves)."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _scaled_up(f: LoraFactor, strength: float, device) -> torch.Tensor:
+    return f.up.to(device, torch.float32) * (f.scale * strength)
+
+
+def add_delta_(weight: torch.Tensor, f: LoraFactor, strength: float) -> None:
+    """weight += up @ down * scale * strength, in place, accumulated in fp32 whatever the weight's dtype.
+    The one routine that merges; the frugal mode calls it on each freshly converted block, so its outputs are
+    bit-identical to a merged model's."""
+    up, down = _scaled_up(f, strength, weight.device), f.down.to(weight.device, torch.float32)
+    w2 = weight.view(weight.shape[0], -1)
+    for r in range(0, w2.shape[0], ROWS):
+        rows = w2[r:r + ROWS]
+        d = up[r:r + ROWS] @ down                                  # (ROWS, in) fp32
+        if rows.dtype == torch.float32:
+            rows.add_(d)
+        else:
+            rows.copy_(rows.float() + d)
+
+
+def _merge_restorable(weight: torch.Tensor, f: LoraFactor, strength: float):
+    """Merge like add_delta_ and return what `_unmerge` needs to give back the exact original bits: the
+    positions where (W + d) - d does not round back to W (rare: ties and binade crossings) and their values."""
+    up, down = _scaled_up(f, strength, weight.device), f.down.to(weight.device, torch.float32)
+    w2 = weight.view(weight.shape[0], -1)
+    idx, vals = [], []
+    for r in range(0, w2.shape[0], ROWS):
+        rows = w2[r:r + ROWS]
+        d = up[r:r + ROWS] @ down
+        new = (rows.float() + d).to(rows.dtype)
+        back = (new.float() - d).to(rows.dtype)                    # exactly what _unmerge will compute
+        bad = (_bits(back) != _bits(rows)).flatten().nonzero().flatten()
+        if len(bad):
+            idx.append(bad + r * w2.shape[1])
+            vals.append(rows.flatten()[bad].clone())
+        rows.copy_(new)
+    return (torch.cat(idx), torch.cat(vals)) if idx else None
+
+
+def _unmerge(weight: torch.Tensor, f: LoraFactor, strength: float, fix) -> None:
+    up, down = _scaled_up(f, strength, weight.device), f.down.to(weight.device, torch.float32)
+    w2 = weight.view(weight.shape[0], -1)
+    for r in range(0, w2.shape[0], ROWS):
+        rows = w2[r:r + ROWS]
+        d = up[r:r + ROWS] @ down
+        rows.copy_((rows.float() - d).to(rows.dtype))
+    if fix is not None:
+        weight.view(-1)[fix[0]] = fix[1]
+
+
+class LoraHandle:
+    """What `apply_lora` / `merge_lora` did; `.remove()` undoes it (bit-identical weights)."""
+
+    def __init__(self, module: torch.nn.Module, format: str, source: str, strength: float):
+        self.module, self.format, self.source, self.strength = module, format, source, strength
+        self.merged: list[tuple[torch.nn.Parameter, LoraFactor, object]] = []   # (weight, factor, fixups)
+        self.streamed: list[tuple[torch.nn.Parameter, object]] = []             # (weight, adjust callable)
+        self.removed = False
+
+    @property
+    def targets(self) -> int:
+        return len(self.merged) + len(self.streamed)
+
+    def remove(self) -> None:
+        if self.removed:
+            raise RuntimeError(f"the LoRA {self.source} was already removed")
+        stack = self.module._lora_handles
+        if stack[-1] is not self:
+            raise RuntimeError(f"remove LoRAs in reverse order of application: {stack[-1].source} was applied "
+                               f"after {self.source}; remove it first")
+        with torch.no_grad():
+            for p, f, fix in reversed(self.merged):
+                _unmerge(p.data, f, self.strength, fix)
+        from .streaming import weight_adjustments
+        adjust = weight_adjustments(self.module)
+        for p, fn in self.streamed:
+            adjust[p].remove(fn)
+        stack.pop()
+        self.removed = True
+
+    def __repr__(self) -> str:
+        return f"LoraHandle({self.source}, format={self.format}, strength={self.strength}, {self.targets} weights)"
+
+
+def merge_lora(module: torch.nn.Module, factors: Mapping[str, LoraFactor], strength: float = 1.0,
+               source: str = "<LoRA>", format: str = "?", strict: bool = True) -> LoraHandle:
+    """Add each factor's delta to `module`'s `<path>.weight` (any nn.Module: our transformer or text encoders).
+
+    A module whose weights are streamed (mmditx.streaming, the frugal memory mode) keeps its stored weights:
+    the delta is added to each converted copy just before the block runs (same bits as merged).
+    Unknown paths or wrong shapes: LoraError listing them; strict=False skips them with a warning."""
+    import warnings
+
+    from .streaming import weight_adjustments
+    strength = float(strength)
+    params = dict(module.named_parameters())
+    bad = []
+    for name, f in factors.items():
+        w = params.get(name + ".weight")
+        if w is None:
+            bad.append(f"{name} (no such layer)")
+        elif w.dim() < 2 or (w.shape[0], w[0].numel()) != f.shape:
+            bad.append(f"{name} (LoRA for {f.shape[0]}x{f.shape[1]}, weight is {'x'.join(map(str, w.shape))})")
+    if bad:
+        msg = f"{source}: {len(bad)} of {len(factors)} LoRA layers match nothing in the model: " \
+              f"{', '.join(sorted(bad)[:8])}{' ...' if len(bad) > 8 else ''}"
+        if strict:
+            raise LoraError(msg + " (strict=False skips them)")
+        warnings.warn(f"{source}: ignoring {len(bad)} of {len(factors)} LoRA layers that match nothing in the model")
+    handle = LoraHandle(module, format, source, strength)
+    adjust = weight_adjustments(module)
+    with torch.no_grad():
+        for name, f in factors.items():
+            w = params.get(name + ".weight")
+            if w is None or (w.shape[0], w[0].numel()) != f.shape:
+                continue
+            if adjust is not None:
+                fn = _StreamedDelta(f, strength)
+                adjust.setdefault(w, []).append(fn)
+                handle.streamed.append((w, fn))
+            else:
+                handle.merged.append((w, f, _merge_restorable(w.data, f, strength)))
+    if not hasattr(module, "_lora_handles"):
+        module._lora_handles = []
+    module._lora_handles.append(handle)
+    return handle
+
+
+class _StreamedDelta:
+    def __init__(self, factor: LoraFactor, strength: float):
+        self.factor, self.strength = factor, strength
+
+    def __call__(self, weight: torch.Tensor) -> None:
+        add_delta_(weight, self.factor, self.strength)
+
+
+# -- which model a LoRA was made for ---------------------------------------------------------------------
+
+_BLOCK_IN_D = re.compile(r"joint_blocks\.(\d+)\.(x_block|context_block)\.(attn2?\.(qkv|proj)|mlp\.fc1|adaLN_modulation\.1)")
+
+
+def describe_model(hidden: int, depth: int, dual: bool | None) -> str:
+    known = {(2432, 38): "SD3.5 Large", (1536, 24): "SD3.5 Medium" if dual else "SD3 Medium"}
+    name = known.get((hidden, depth))
+    if name is None and dual is None and hidden == 1536:
+        name = "SD3.5 Medium or SD3 Medium"
+    what = f"hidden size {hidden}, {depth} blocks"
+    return f"{name} ({what})" if name else f"an MMDiT with {what}"
+
+
+def check_made_for(model, factors: Mapping[str, LoraFactor], source: str) -> None:
+    """Refuse, naming both, a LoRA whose shapes say it was made for another MMDiT (e.g. SD3.5 Large on Medium)."""
+    cfg = model.config
+    ours = describe_model(cfg.hidden_size, cfg.depth, bool(cfg.dual_attention_blocks))
+    widths, depth, dual = set(), 0, False
+    for name, f in factors.items():
+        m = _BLOCK_IN_D.fullmatch(name)
+        if m:
+            widths.add(f.shape[1])
+            depth = max(depth, int(m.group(1)) + 1)
+            dual |= ".attn2." in name
+    if not widths:
+        return
+    hidden = max(widths)
+    if hidden != cfg.hidden_size or depth > cfg.depth:
+        theirs = describe_model(hidden, max(depth, 1), dual or None)
+        theirs = theirs.replace(f"{depth} blocks", f"at least {depth} blocks") if theirs.startswith("an ") else theirs
+        raise LoraError(f"{source}: this LoRA was made for {theirs}; the model is {ours}")
+    if dual and not cfg.dual_attention_blocks:
+        raise LoraError(f"{source}: this LoRA adapts the dual attention (attn2) of SD3.5 Medium (MMDiT-X); the "
+                        f"model is {ours}, which has none")
+
+
+def apply_lora(model, path_or_state_dict, strength: float = 1.0, strict: bool = True) -> LoraHandle:
+    """Merge the transformer part of a LoRA file (any format of this module) into an MMDiTX, scaled by
+    `strength` (any real number: negative subtracts, above 1 exaggerates). Several LoRAs stack; the handle's
+    `.remove()` restores the exact weights (remove in reverse order). Text-encoder parts are left to
+    `sampling` (`Pipeline(loras=...)`), which owns the encoders.
+
+        handle = mmditx.apply_lora(model, "style.safetensors", strength=0.8)
+        print(handle.format)          # 'diffusers', 'kohya' or 'official'
+        handle.remove()
+    """
+    lora = path_or_state_dict if isinstance(path_or_state_dict, LoraFile) else read_lora(path_or_state_dict, strict)
+    unmatched = json.loads(lora.metadata.get("unmatched", "[]"))
+    if unmatched:
+        import warnings
+        warnings.warn(f"{lora.source}: ignoring {len(unmatched)} keys that match no LoRA layer of the "
+                      f"{lora.format} layout")
+    if not lora.transformer:
+        raise LoraError(f"{lora.source}: the LoRA has no transformer part (only text encoders: "
+                        f"{', '.join(lora.text_encoders) or 'none'})")
+    check_made_for(model, lora.transformer, lora.source)
+    return merge_lora(model, lora.transformer, strength, lora.source, lora.format, strict)

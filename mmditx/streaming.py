@@ -35,6 +35,8 @@ class _Swap:
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
         self.stored: dict[nn.Parameter, torch.Tensor] = {}
+        # in-place changes of a converted copy, in order (mmditx.lora adds its deltas here in the frugal mode)
+        self.adjust: dict[nn.Parameter, list] = {}
 
     def before(self, module: nn.Module, args) -> None:
         for p in module.parameters():
@@ -42,6 +44,11 @@ class _Swap:
                 self.stored[p] = p.data
                 dtype = self.dtype if p.is_floating_point() else p.dtype
                 p.data = convert(p.data, dtype, self.device, non_blocking=True)
+                if self.adjust.get(p):
+                    if p.data.data_ptr() == self.stored[p].data_ptr():
+                        p.data = p.data.clone()             # never change the stored weights
+                    for fn in self.adjust[p]:
+                        fn(p.data)
 
     def after(self, module: nn.Module, args, output) -> None:
         for p in module.parameters():
@@ -71,14 +78,26 @@ def stream_weights(model: nn.Module, device: torch.device | str | None = None,
         handles.append(unit.register_forward_pre_hook(swap.before))
         handles.append(unit.register_forward_hook(swap.after, always_call=True))
     model._weight_streaming = handles
+    model._weight_swap = swap
     model.compute_dtype, model.compute_device = dtype, device
     return model
 
 
 def stop_streaming(model: nn.Module) -> nn.Module:
     """Undo `stream_weights`: the model computes in its weights' own dtype and device again."""
+    swap = getattr(model, "_weight_swap", None)
+    if swap is not None and any(swap.adjust.values()):
+        raise ValueError("LoRAs were applied to this streamed model: remove them (handle.remove()) before "
+                         "stop_streaming, or they would silently disappear")
     for h in getattr(model, "_weight_streaming", None) or ():
         h.remove()
-    model._weight_streaming = None
+    model._weight_streaming = model._weight_swap = None
     model.compute_dtype = model.compute_device = None
     return model
+
+
+def weight_adjustments(model: nn.Module) -> dict[nn.Parameter, list] | None:
+    """{parameter: [fn(converted_weight) -> None, ...]} of a streamed model (None if it is not streamed):
+    each fn changes the freshly converted copy in place, in order, before its unit runs."""
+    swap = getattr(model, "_weight_swap", None)
+    return swap.adjust if swap is not None else None
