@@ -648,9 +648,9 @@ def describe_model(hidden: int, depth: int, dual: bool | None) -> str:
     return f"{name} ({what})" if name else f"an MMDiT with {what}"
 
 
-def check_made_for(model, factors: Mapping[str, LoraFactor], source: str) -> None:
-    """Refuse, naming both, a LoRA whose shapes say it was made for another MMDiT (e.g. SD3.5 Large on Medium)."""
-    cfg = model.config
+def check_made_for(cfg, factors: Mapping[str, LoraFactor], source: str) -> None:
+    """Refuse, naming both, a LoRA whose shapes say it was made for another MMDiT (e.g. SD3.5 Large on Medium).
+    cfg: the model's MMDiTXConfig (`model.config`, or `read_config(path)` before loading anything)."""
     ours = describe_model(cfg.hidden_size, cfg.depth, bool(cfg.dual_attention_blocks))
     widths, depth, dual = set(), 0, False
     for name, f in factors.items():
@@ -690,5 +690,19 @@ def apply_lora(model, path_or_state_dict, strength: float = 1.0, strict: bool = 
     if not lora.transformer:
         raise LoraError(f"{lora.source}: the LoRA has no transformer part (only text encoders: "
                         f"{', '.join(lora.text_encoders) or 'none'})")
-    check_made_for(model, lora.transformer, lora.source)
+    check_made_for(model.config, lora.transformer, lora.source)
     return merge_lora(model, lora.transformer, strength, lora.source, lora.format, strict)
+
+
+def random_lora_factors(module: torch.nn.Module, rank: int = 8, seed: int = 0, magnitude: float = 0.02,
+                        include=lambda name: True) -> dict[str, LoraFactor]:
+    """A random LoRA on every nn.Linear of `module` (for demos, tests and benchmarks; works on the meta device
+    for shapes only): down ~ N(0, 1/in), up ~ N(0, magnitude^2), alpha = rank. Each delta has entries of
+    about `magnitude` times the input's scale."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear) and include(name):
+            out[name] = LoraFactor(torch.randn(rank, m.in_features, generator=g) / m.in_features ** 0.5,
+                                   torch.randn(m.out_features, rank, generator=g) * magnitude)
+    return out

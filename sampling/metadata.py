@@ -166,6 +166,15 @@ def to_json_dict(obj) -> dict:
 
 
 @dataclass
+class LoraRecord:
+    """One LoRA an image was made with (sampling/loras.py): found again by name, refused if its content changed."""
+    file: str                                 # the file's name
+    path: str                                 # where it was
+    sha256: str                               # of the file's bytes
+    strength: float
+
+
+@dataclass
 class RunSettings:
     """What changes pixels besides the sampling parameters: how the models run. Stored next to GenerationParams."""
     t5: str = checked("fp16", choices=("fp16", "fp8", "off"))   # T5 file/precision (fp8 vs fp16 differs)
@@ -173,6 +182,7 @@ class RunSettings:
     device: str = checked("cpu", choices=("cpu", "cuda", "mps", "xpu"))   # device kind (kernels differ)
     model: str = ""                           # the model file's name (for the record)
     embedded_random_weights: bool = False
+    loras: list[LoraRecord] = checked(default_factory=list)   # in the order applied
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> "RunSettings":

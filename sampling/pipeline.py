@@ -37,6 +37,7 @@ from mmditx.checkpoint import open_safetensors, parse_device, parse_dtype, read_
 from .defaults import load_sampling_defaults
 from .guidance import GuidedDenoiser, SkipLayerGuidance
 from .io import check_image_file, read_image
+from .loras import apply_to_text_encoders, apply_to_transformer, load_loras
 from .metadata import MetadataError, checked, to_json_dict, validate
 from .samplers import MODEL_CALLS_PER_STEP, SAMPLERS, get_sampler
 from .schedule import img2img_sigmas, initial_noise, noise_latent
@@ -274,10 +275,13 @@ def hires_size(p: GenerationParams) -> tuple[int, int]:
 
 class Pipeline:
     def __init__(self, files: ModelFiles, device: str | torch.device = "cpu", dtype=None,
-                 memory: str = "resident", compile: bool = False, check_weights: bool = False):
+                 memory: str = "resident", compile: bool = False, check_weights: bool = False,
+                 loras=()):
         """compile: run the transformer through `torch.compile` (the first step of each image size compiles:
         about 2 minutes on a 2-core CPU for ~5% per step there; see docs/performance.md).
-        check_weights: scan every weight for NaN/inf while loading (a CheckpointError names the tensor)."""
+        check_weights: scan every weight for NaN/inf while loading (a CheckpointError names the tensor).
+        loras: [(path, strength), ...] LoRA files of any supported format (mmditx.lora), merged into the
+        transformer and text encoders as they are loaded, in this order (see sampling/loras.py)."""
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, not {memory!r}")
         if compile and memory == "frugal":
@@ -288,6 +292,7 @@ class Pipeline:
         # fp32 on CPU (no fast half precision there), bf16 on GPU unless asked otherwise
         self.dtype = parse_dtype(dtype) or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.config = read_config(files.model)  # header only: sizes can be checked before loading anything
+        self.loras = load_loras(loras, self.config)  # read and checked now, before any model is loaded
         self._text = self._transformer = self._vae = None
         if memory == "resident":
             self.text_encoder(), self.transformer(), self.autoencoder()
@@ -304,6 +309,7 @@ class Pipeline:
                 clip_l=f.clip_l, clip_g=f.clip_g, t5=f.t5, tokenizer_l=f.tokenizer_l, tokenizer_g=f.tokenizer_g,
                 tokenizer_t5=f.tokenizer_t5, device=self.device, dtype=self.dtype, stream=self.memory == "frugal",
                 check_finite=self.check_weights, t5_weight_dtype=f.t5_weight_dtype)
+            apply_to_text_encoders(self._text, self.loras)
         return self._text
 
     def transformer(self):
@@ -312,9 +318,11 @@ class Pipeline:
                 model = load_mmditx(self.files.model, device="cpu", dtype=None,   # as stored, zero copy
                                     check_finite=self.check_weights)
                 self._transformer = stream_weights(model, self.device, self.dtype)
+                apply_to_transformer(model, self.loras)        # added to each block as it is converted
             else:
                 model = load_mmditx(self.files.model, device=self.device, dtype=self.dtype,
                                     check_finite=self.check_weights)
+                apply_to_transformer(model, self.loras)        # merged: no cost per step
                 self._transformer = torch.compile(model) if self.compile else model
         return self._transformer
 

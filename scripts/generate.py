@@ -99,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer: the first step of each size compiles (minutes on CPU), "
                         "later steps run faster; pays for many images or steps (not with --memory frugal)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="apply a LoRA (diffusers, kohya or official-name file) with a strength (default 1.0; "
+                        "negative or above 1 allowed); repeat to stack several")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--check-weights", action="store_true",
                    help="scan every weight for NaN/inf while loading (names the broken tensor; slower loading)")
@@ -212,8 +215,19 @@ def image_metadata(params, k: int, pipe, t5: str, embedded: bool) -> dict:
     from sampling.metadata import RunSettings, to_json_dict
 
     run = RunSettings(t5=t5, dtype=DTYPES_BY_TORCH[pipe.dtype], device=pipe.device.type,
-                      model=pipe.files.model.name, embedded_random_weights=embedded)
+                      model=pipe.files.model.name, embedded_random_weights=embedded,
+                      loras=[x.record() for x in pipe.loras])
     return {**params.to_dict(), "seed": params.seed + k, **to_json_dict(run)}
+
+
+def lora_specs(args, stored_run) -> list:
+    """--lora FILE[:STRENGTH] ...; with --reproduce, the LoRAs the PNG recorded (refused if a file changed)."""
+    from sampling.loras import check_reproduce, parse_lora_arg
+
+    given = [parse_lora_arg(s) for s in args.lora]
+    if stored_run is not None:
+        return check_reproduce(stored_run.loras, given)
+    return given
 
 
 def main(argv=None) -> int:
@@ -241,6 +255,7 @@ def run(argv=None) -> int:
         raise ValueError(f"--batch-size must be between 1 and {MAX_BATCH}, got {args.batch_size}")
     stored, stored_run = read_stored(args)
     t5, dtype, device = run_settings(args, stored_run)
+    loras = lora_specs(args, stored_run)
     parse_device(device)
     jobs = [build_params(args, prompt, stored) for prompt in read_prompts(args)]
     out_dir, out_file = prepare_output(args.out)
@@ -269,10 +284,13 @@ def run(argv=None) -> int:
         check_job(params, config, args.num_images, args.batch_size)
     tune_for_memory_mode(args.memory)  # this process is ours: reuse freed activations unless frugal
     pipe = Pipeline(files, device=device, dtype=dtype, memory=args.memory, compile=args.compile,
-                    check_weights=args.check_weights)
+                    check_weights=args.check_weights, loras=loras)
     who = f"process {me.rank + 1}/{me.world}: " if me.world > 1 else ""
     print(f"{who}model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}); "
           f"device {pipe.device}, {DTYPES_BY_TORCH[pipe.dtype]}, memory {args.memory}, T5 {t5}", file=sys.stderr)
+    for x in pipe.loras:
+        print(f"{who}LoRA {x.path.name} ({x.lora.format} format, strength {x.strength:g}, sha256 {x.sha256[:12]}...)",
+              file=sys.stderr)
 
     mine = share(len(images), me.rank, me.world)
     written, begin = {}, time.perf_counter()

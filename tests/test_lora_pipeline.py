@@ -1,0 +1,159 @@
+"""LoRAs in the pipeline and the CLI (embedded random-weight model set), and text-encoder LoRAs against
+transformers + peft."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import encoders
+from mmditx import read_config
+from mmditx.lora import LoraError, LoraFactor, merge_lora, random_lora_factors, read_lora, save_lora
+from sampling.io import read_png_params
+from tests.test_encoders_common import CLIP_L_HF, clip_ids, clip_l_file, clip_oracle
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(tmp_path, script, *args, check=True):
+    env = {"MMDITX_CACHE": str(tmp_path.parent / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, check=check)
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora_cli")
+    run(tmp, "random_lora.py", "--out", str(tmp / "style.safetensors"), "--format", "kohya", "--magnitude", "0.05")
+    common = ["--prompt", "a cat", "--steps", "3", "--width", "64", "--height", "64", "--seed", "3", "--quiet"]
+    with_lora = run(tmp, "generate.py", *common, "--lora", f"{tmp / 'style.safetensors'}:0.7",
+                    "--out", str(tmp / "lora.png"))
+    return tmp, with_lora
+
+
+def generate_error(tmp, *args) -> str:
+    """scripts/generate.py's main in this process (no interpreter start): the one-line error it prints."""
+    import contextlib
+    import io
+    import os
+
+    from scripts.generate import main
+    os.environ["MMDITX_CACHE"] = str(tmp.parent / "cache")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(list(args))
+    lines = err.getvalue().strip().splitlines()
+    assert status == 1 and lines[-1].startswith("error:") and "Traceback" not in err.getvalue()
+    return lines[-1]
+
+
+def pixels(path):
+    return np.asarray(Image.open(path))
+
+
+def test_cli_lora_changes_the_image_and_is_recorded(cli):
+    tmp, with_lora = cli
+    assert "LoRA style.safetensors (kohya format, strength 0.7" in with_lora.stderr
+    (rec,) = read_png_params(tmp / "lora.png")["loras"]
+    assert rec["file"] == "style.safetensors" and rec["strength"] == 0.7 and len(rec["sha256"]) == 64
+
+
+def test_cli_reproduce_reapplies_and_refuses_a_changed_file(cli):
+    tmp, _ = cli
+    again = run(tmp, "generate.py", "--reproduce", str(tmp / "lora.png"), "--quiet", "--out", str(tmp / "again.png"))
+    assert np.array_equal(pixels(tmp / "lora.png"), pixels(tmp / "again.png"))
+    # the same name, other content: refused
+    changed = tmp / "elsewhere"
+    changed.mkdir()
+    save_lora(changed / "style.safetensors", {"final_layer.linear": LoraFactor(torch.zeros(1, 8), torch.zeros(8, 1))})
+    error = generate_error(tmp, "--reproduce", str(tmp / "lora.png"), "--lora", str(changed / "style.safetensors"),
+                           "--out", str(tmp / "no.png"))
+    assert "changed since the image was made" in error
+    assert not (tmp / "no.png").exists()
+
+
+def test_cli_bad_lora_files_are_one_line_errors(cli):
+    tmp, _ = cli
+    (tmp / "junk.safetensors").write_bytes(b"junk")
+    for arg, msg in ((str(tmp / "missing.safetensors"), "no such LoRA file"),
+                     (str(tmp / "junk.safetensors") + ":0.5", "not a readable safetensors")):
+        assert msg in generate_error(tmp, "--prompt", "x", "--steps", "1", "--lora", arg)
+
+
+def test_pipeline_frugal_equals_resident_with_stacked_loras(cli):
+    """Pipeline(loras=...): the frugal mode (LoRA added to each streamed block) gives the resident mode's image
+    bit for bit; stacked strengths 1.5 and -0.5 change the image."""
+    from sampling.embedded import embedded_model_dir
+    from sampling.pipeline import GenerationParams, Pipeline
+
+    tmp, _ = cli
+    import os
+    os.environ["MMDITX_CACHE"] = str(tmp.parent / "cache")
+    root = embedded_model_dir()
+    params = GenerationParams.from_preset("sd3.5_medium", prompt="a cat", steps=2, width=64, height=64, seed=1)
+    lora = tmp / "style.safetensors"
+    plain = Pipeline.from_model_dir(root, memory="sequential").generate(params)[0]
+    resident = Pipeline.from_model_dir(root, loras=[(lora, 1.5), (lora, -0.5)]).generate(params)[0]
+    frugal = Pipeline.from_model_dir(root, memory="frugal", loras=[(lora, 1.5), (lora, -0.5)]).generate(params)[0]
+    assert np.array_equal(np.asarray(resident), np.asarray(frugal))
+    assert not np.array_equal(np.asarray(resident), np.asarray(plain))
+
+
+def test_pipeline_refuses_a_lora_for_another_model_before_loading(tmp_path):
+    from sampling.embedded import embedded_model_dir
+    from sampling.pipeline import Pipeline
+
+    root = embedded_model_dir()
+    cfg = read_config(root / "sd3.5_medium.safetensors")
+    g = torch.Generator().manual_seed(0)
+    wide = {f"joint_blocks.{cfg.depth}.x_block.attn.proj": LoraFactor(torch.randn(2, 2432, generator=g),
+                                                                         torch.randn(2432, 2, generator=g))}
+    path = save_lora(tmp_path / "large.safetensors", wide, format="official")
+    with pytest.raises(LoraError, match="made for an MMDiT with hidden size 2432.*the model is"):
+        Pipeline.from_model_dir(root, memory="sequential", loras=[(path, 1.0)])
+
+
+# -- text encoders: our CLIP-L with a merged LoRA against transformers' CLIP with peft's LoRA layers ---------
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_clip_l_lora_against_peft(tmp_path, fmt):
+    peft = pytest.importorskip("peft")
+    path = clip_l_file()
+    ours = encoders.load_clip_l(path)
+    ref = clip_oracle(path, **CLIP_L_HF)
+    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+    factors = random_lora_factors(ours, rank=4, seed=1, magnitude=0.05,
+                                  include=lambda n: n.rsplit(".", 1)[-1] in targets)
+    for i, f in enumerate(factors.values()):
+        f.alpha = (2.0, None, 8.0)[i % 3]
+    lora = read_lora(save_lora(tmp_path / "te.safetensors", {}, format=fmt, text_encoders={"clip_l": factors}))
+    assert lora.format == fmt and set(lora.text_encoders["clip_l"]) == set(factors)
+
+    # the oracle: peft's LoRA layers in transformers' model, each with its own rank and alpha, scale 0.6
+    config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
+                             alpha_pattern={f"^{n}": (f.alpha or f.rank) for n, f in factors.items()})
+    ref = peft.inject_adapter_in_model(config, ref)
+    state = {}
+    for n, f in factors.items():
+        state[f"{n}.lora_A.weight"], state[f"{n}.lora_B.weight"] = f.down, f.up
+    missing = peft.set_peft_model_state_dict(ref, state)
+    assert not missing.unexpected_keys
+    for m in ref.modules():
+        if hasattr(m, "scaling") and "default" in m.scaling:
+            m.scaling["default"] *= 0.6
+
+    ids = clip_ids(2, seed=0, pad=49407)
+    with torch.no_grad():
+        before = ours(ids)[0]
+        handle = merge_lora(ours, lora.text_encoders["clip_l"], 0.6)
+        hidden, _ = ours(ids)
+        want = ref(ids, output_hidden_states=True).hidden_states[-2]
+    assert (hidden - before).abs().max() > 1e-3
+    assert (hidden - want).abs().max() <= 1e-4 * want.abs().max()
+    handle.remove()
