@@ -491,7 +491,7 @@ def save_lora(path, factors: Mapping[str, LoraFactor], format: str = "diffusers"
 # ---------------------------------------------------------------------------------------------------------
 # Applying: merged into the weights, removable bit-exactly
 
-ROWS = 256  # rows of a weight updated per step: the delta of one slice stays in cache, never the whole (out, in)
+CHUNK = 1 << 21  # elements of a weight updated per step (8 MiB of fp32 delta): the whole (out, in) delta never exists
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -499,53 +499,56 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
-def _scaled_up(f: LoraFactor, strength: float, device) -> torch.Tensor:
-    return f.up.to(device, torch.float32) * (f.scale * strength)
+def _chunks(weight: torch.Tensor, f: LoraFactor, strength: float, buffers: int = 1):
+    """Yield (first row, rows of `weight` (a view), fp32 work buffers of their shape, up rows, down), row chunk
+    by row chunk. up is scaled by scale * strength and both factors are fp32."""
+    up = f.up.to(weight.device, torch.float32) * (f.scale * strength)
+    down = f.down.to(weight.device, torch.float32)
+    w2 = weight.view(weight.shape[0], -1)
+    step = max(1, CHUNK // max(1, w2.shape[1]))
+    bufs = [torch.empty(min(step, w2.shape[0]), w2.shape[1], dtype=torch.float32, device=weight.device)
+            for _ in range(buffers)]
+    for r in range(0, w2.shape[0], step):
+        rows = w2[r:r + step]
+        yield r, rows, [b[:rows.shape[0]] for b in bufs], up[r:r + step], down
+
+
+def _plus_delta(buf: torch.Tensor, rows: torch.Tensor, up: torch.Tensor, down: torch.Tensor, sign: float):
+    """buf <- rows + sign * up @ down in fp32, rounded to the rows' dtype. One in-place addmm_ (BLAS adds the
+    product into the buffer: no (out, in) temporary, fp32 accumulation for any weight dtype), always in a fresh
+    aligned buffer so that merging, the frugal mode and removal compute the very same bits."""
+    buf.copy_(rows)
+    return buf.addmm_(up, down, alpha=sign).to(rows.dtype)
 
 
 def add_delta_(weight: torch.Tensor, f: LoraFactor, strength: float) -> None:
-    """weight += up @ down * scale * strength, in place, accumulated in fp32 whatever the weight's dtype.
-    The one routine that merges; the frugal mode calls it on each freshly converted block, so its outputs are
-    bit-identical to a merged model's."""
-    up, down = _scaled_up(f, strength, weight.device), f.down.to(weight.device, torch.float32)
-    w2 = weight.view(weight.shape[0], -1)
-    for r in range(0, w2.shape[0], ROWS):
-        rows = w2[r:r + ROWS]
-        d = up[r:r + ROWS] @ down                                  # (ROWS, in) fp32
-        if rows.dtype == torch.float32:
-            rows.add_(d)
-        else:
-            rows.copy_(rows.float() + d)
+    """weight += up @ down * scale * strength, in place (the frugal mode calls it on each freshly converted block:
+    the same bits as a merged model)."""
+    for _, rows, (buf,), up, down in _chunks(weight, f, strength):
+        rows.copy_(_plus_delta(buf, rows, up, down, 1.0))
 
 
 def _merge_restorable(weight: torch.Tensor, f: LoraFactor, strength: float):
-    """Merge like add_delta_ and return what `_unmerge` needs to give back the exact original bits: the
-    positions where (W + d) - d does not round back to W (rare: ties and binade crossings) and their values."""
-    up, down = _scaled_up(f, strength, weight.device), f.down.to(weight.device, torch.float32)
-    w2 = weight.view(weight.shape[0], -1)
+    """Merge exactly like add_delta_ and return what `_unmerge` needs to give back the original bits: the
+    positions where (W + d) - d does not round back to W (where W + d left W's binade, and ties) and their
+    original values; everywhere else subtracting the same delta restores W exactly."""
     idx, vals = [], []
-    for r in range(0, w2.shape[0], ROWS):
-        rows = w2[r:r + ROWS]
-        d = up[r:r + ROWS] @ down
-        new = (rows.float() + d).to(rows.dtype)
-        back = (new.float() - d).to(rows.dtype)                    # exactly what _unmerge will compute
-        bad = (_bits(back) != _bits(rows)).flatten().nonzero().flatten()
+    for r, rows, (buf, buf2), up, down in _chunks(weight, f, strength, buffers=2):
+        new = _plus_delta(buf, rows, up, down, 1.0)
+        back = _plus_delta(buf2, new, up, down, -1.0)              # exactly what _unmerge will compute
+        bad = (_bits(back) != _bits(rows)).view(-1).nonzero().view(-1)
         if len(bad):
-            idx.append(bad + r * w2.shape[1])
-            vals.append(rows.flatten()[bad].clone())
+            idx.append((bad + r * rows.shape[1]).to(torch.int32 if weight.numel() < 2 ** 31 else torch.int64))
+            vals.append(rows.reshape(-1)[bad])
         rows.copy_(new)
     return (torch.cat(idx), torch.cat(vals)) if idx else None
 
 
 def _unmerge(weight: torch.Tensor, f: LoraFactor, strength: float, fix) -> None:
-    up, down = _scaled_up(f, strength, weight.device), f.down.to(weight.device, torch.float32)
-    w2 = weight.view(weight.shape[0], -1)
-    for r in range(0, w2.shape[0], ROWS):
-        rows = w2[r:r + ROWS]
-        d = up[r:r + ROWS] @ down
-        rows.copy_((rows.float() - d).to(rows.dtype))
+    for _, rows, (buf,), up, down in _chunks(weight, f, strength):
+        rows.copy_(_plus_delta(buf, rows, up, down, -1.0))
     if fix is not None:
-        weight.view(-1)[fix[0]] = fix[1]
+        weight.view(-1)[fix[0].long()] = fix[1]
 
 
 class LoraHandle:
@@ -556,6 +559,7 @@ class LoraHandle:
         self.merged: list[tuple[torch.nn.Parameter, LoraFactor, object]] = []   # (weight, factor, fixups)
         self.streamed: list[tuple[torch.nn.Parameter, object]] = []             # (weight, adjust callable)
         self.removed = False
+        self.restorable = True
 
     @property
     def targets(self) -> int:
@@ -564,6 +568,8 @@ class LoraHandle:
     def remove(self) -> None:
         if self.removed:
             raise RuntimeError(f"the LoRA {self.source} was already removed")
+        if not self.restorable:
+            raise RuntimeError(f"the LoRA {self.source} was merged with restorable=False: reload the model instead")
         stack = self.module._lora_handles
         if stack[-1] is not self:
             raise RuntimeError(f"remove LoRAs in reverse order of application: {stack[-1].source} was applied "
@@ -583,12 +589,15 @@ class LoraHandle:
 
 
 def merge_lora(module: torch.nn.Module, factors: Mapping[str, LoraFactor], strength: float = 1.0,
-               source: str = "<LoRA>", format: str = "?", strict: bool = True) -> LoraHandle:
+               source: str = "<LoRA>", format: str = "?", strict: bool = True,
+               restorable: bool = True) -> LoraHandle:
     """Add each factor's delta to `module`'s `<path>.weight` (any nn.Module: our transformer or text encoders).
 
     A module whose weights are streamed (mmditx.streaming, the frugal memory mode) keeps its stored weights:
     the delta is added to each converted copy just before the block runs (same bits as merged).
-    Unknown paths or wrong shapes: LoraError listing them; strict=False skips them with a warning."""
+    Unknown paths or wrong shapes: LoraError listing them; strict=False skips them with a warning.
+    restorable=False merges with one product per weight and keeps nothing for `.remove()` (which then
+    refuses): for runs that never take a LoRA off (the pipeline)."""
     import warnings
 
     from .streaming import weight_adjustments
@@ -618,8 +627,11 @@ def merge_lora(module: torch.nn.Module, factors: Mapping[str, LoraFactor], stren
                 fn = _StreamedDelta(f, strength)
                 adjust.setdefault(w, []).append(fn)
                 handle.streamed.append((w, fn))
-            else:
+            elif restorable:
                 handle.merged.append((w, f, _merge_restorable(w.data, f, strength)))
+            else:
+                add_delta_(w.data, f, strength)
+                handle.restorable = False
     if not hasattr(module, "_lora_handles"):
         module._lora_handles = []
     module._lora_handles.append(handle)
@@ -671,10 +683,12 @@ def check_made_for(cfg, factors: Mapping[str, LoraFactor], source: str) -> None:
                         f"model is {ours}, which has none")
 
 
-def apply_lora(model, path_or_state_dict, strength: float = 1.0, strict: bool = True) -> LoraHandle:
+def apply_lora(model, path_or_state_dict, strength: float = 1.0, strict: bool = True,
+               restorable: bool = True) -> LoraHandle:
     """Merge the transformer part of a LoRA file (any format of this module) into an MMDiTX, scaled by
     `strength` (any real number: negative subtracts, above 1 exaggerates). Several LoRAs stack; the handle's
-    `.remove()` restores the exact weights (remove in reverse order). Text-encoder parts are left to
+    `.remove()` restores the exact weights (remove in reverse order; restorable=False merges faster and keeps
+    nothing, see merge_lora). Text-encoder parts are left to
     `sampling` (`Pipeline(loras=...)`), which owns the encoders.
 
         handle = mmditx.apply_lora(model, "style.safetensors", strength=0.8)
@@ -691,7 +705,7 @@ def apply_lora(model, path_or_state_dict, strength: float = 1.0, strict: bool = 
         raise LoraError(f"{lora.source}: the LoRA has no transformer part (only text encoders: "
                         f"{', '.join(lora.text_encoders) or 'none'})")
     check_made_for(model.config, lora.transformer, lora.source)
-    return merge_lora(model, lora.transformer, strength, lora.source, lora.format, strict)
+    return merge_lora(model, lora.transformer, strength, lora.source, lora.format, strict, restorable)
 
 
 def random_lora_factors(module: torch.nn.Module, rank: int = 8, seed: int = 0, magnitude: float = 0.02,

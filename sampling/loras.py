@@ -63,7 +63,8 @@ def load_loras(specs, config=None) -> list[LoadedLora]:
 
 
 def apply_to_transformer(model, loras: list[LoadedLora]) -> list[LoraHandle]:
-    return [merge_lora(model, x.lora.transformer, x.strength, str(x.path), x.lora.format)
+    # restorable=False: a pipeline never takes a LoRA off (one product per weight, nothing kept)
+    return [merge_lora(model, x.lora.transformer, x.strength, str(x.path), x.lora.format, restorable=False)
             for x in loras if x.lora.transformer]
 
 
@@ -76,7 +77,8 @@ def apply_to_text_encoders(conditioner, loras: list[LoadedLora]) -> list[LoraHan
             module = getattr(conditioner, name)
             if module is None:
                 raise LoraError(f"{x.path}: the LoRA adapts T5, but the pipeline runs without T5 (--t5 off)")
-            handles.append(merge_lora(module, factors, x.strength, f"{x.path} ({name})", x.lora.format))
+            handles.append(merge_lora(module, factors, x.strength, f"{x.path} ({name})", x.lora.format,
+                                      restorable=False))
     return handles
 
 

@@ -7,6 +7,7 @@
     python scripts/benchmark.py gemm [--rows 308 512 2048 8192] [--kernels]
     python scripts/benchmark.py pipeline [--size 512] [--steps 4]
     python scripts/benchmark.py train [--mode lora|full] [--checkpointing] [--size 256] [--steps 3]
+    python scripts/benchmark.py lora [--rank 64] [--dtype fp32] [--size 256]
 
 `transformer` times one forward pass of the full-size SD3.5 Medium transformer, ours and diffusers'
 SD3Transformer2DModel holding the *same* weight tensors, alternating in one process, and prints medians, the
@@ -19,6 +20,9 @@ random model directory in the release layout, ours in each memory mode and diffu
 with the same components, and prints seconds and peak RSS. diffusers cannot hold T5-XXL in fp32 next to the
 rest in 24 GiB, so the side-by-side runs are without T5 (both zero its part of the context); ours also runs with
 the fp8 T5 file, which it keeps in fp8.
+`lora` applies a random LoRA of --rank on every linear layer of the full-size transformer (stored fp16, as
+LoRA files usually are): the time to read it, merge it and remove it, one forward pass with and without it
+merged, and (fresh subprocesses) the peak RSS of a frugal-mode forward pass with and without it.
 
 `train` times one training step (forward, backward, AdamW) in fresh subprocesses, one side after the other:
 ours (training.lora adapters, rank 16 on the attention q/k/v/out of both streams) against the core loop of
@@ -53,7 +57,7 @@ else:
 
 import torch  # noqa: E402
 
-from mmditx import load_mmditx  # noqa: E402
+from mmditx import load_mmditx, read_config  # noqa: E402
 from mmditx.checkpoint import parse_dtype  # noqa: E402
 from mmditx.compare import diffusers_sd3_kwargs, diffusers_vae_kwargs  # noqa: E402
 from mmditx.runtime import keep_freed_memory  # noqa: E402
@@ -629,6 +633,96 @@ def bench_train(args) -> None:
                           "step_time": round(res["ours"]["step_s"] / res["diffusers"]["step_s"], 3),
                           "peak_rss": round(res["ours"]["peak_rss_GiB"] / res["diffusers"]["peak_rss_GiB"], 3)}},
                      indent=2))
+def lora_file(cache: Path, rank: int) -> Path:
+    """A rank-`rank` LoRA on every linear layer of SD3.5 Medium (random, fp16, kohya names), written once."""
+    from mmditx import MMDiTX
+    from mmditx.lora import LoraFactor, random_lora_factors, save_lora
+
+    path = cache / f"lora_rank{rank}_fp16.safetensors"
+    if not path.exists():
+        with torch.device("meta"):
+            shapes = MMDiTX(read_config(random_checkpoint(cache, "fp16")))
+        factors = {k: LoraFactor(f.down.half(), f.up.half(), float(rank))
+                   for k, f in random_lora_factors(shapes, rank).items()}
+        save_lora(path, factors, format="kohya")
+    return path
+
+
+def _lora_frugal_child(model: str, lora: str, size: int) -> None:
+    """In a fresh process: one frugal-mode forward pass (weights as stored, streamed in fp32), peak RSS."""
+    from mmditx import apply_lora, stream_weights
+
+    base = peak_rss_kb()
+    m = stream_weights(load_mmditx(model, dtype=None), "cpu", torch.float32)
+    if lora:
+        apply_lora(m, lora)
+    cfg, lat = m.config, size // 8
+    with torch.inference_mode():
+        m(torch.randn(2, cfg.in_channels, lat, lat), torch.full((2,), 700.0), context=torch.randn(2, 154, cfg.context_dim),
+          y=torch.randn(2, cfg.pooled_dim))
+    print(json.dumps({"peak_kb": peak_rss_kb(), "rss_before_kb": base}))
+
+
+def bench_lora(args) -> None:
+    from mmditx import apply_lora
+    from mmditx.lora import read_lora
+
+    path, gib = random_checkpoint(args.cache, "fp16"), 1024 ** 3
+    lora = lora_file(args.cache, args.rank)
+    res = {"what": f"rank-{args.rank} LoRA on every linear layer of the full-size SD3.5 Medium transformer "
+                   f"(random weights), LoRA stored fp16", "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "lora_file_MiB": round(lora.stat().st_size / 2 ** 20, 1)}
+    frugal = {}
+    for name, extra in (("without LoRA", ""), ("with LoRA", str(lora))):
+        out = subprocess.run([sys.executable, __file__, "_lora_frugal_child", str(path), extra, str(args.size)],
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            frugal[name] = {"failed": out.stderr.strip().splitlines()[-1:]}
+            continue
+        frugal[name] = {"peak_rss_GiB": round(json.loads(out.stdout.strip().splitlines()[-1])["peak_kb"] * 1024 / gib, 3)}
+    if all("peak_rss_GiB" in v for v in frugal.values()):
+        frugal["ratio_with_over_without"] = round(frugal["with LoRA"]["peak_rss_GiB"]
+                                                  / frugal["without LoRA"]["peak_rss_GiB"], 3)
+    res[f"frugal forward {args.size}x{args.size}, batch 2: peak RSS"] = frugal
+    print(json.dumps(res, indent=2), flush=True)
+
+    model = load_mmditx(path, dtype=args.dtype)
+    with torch.no_grad():
+        for p in model.parameters():       # touch every weight once: no page faults inside the timings
+            p.data.view(-1)[::4096].sum()
+    start = time.perf_counter()
+    factors = read_lora(lora)
+    res["read_s"] = round(time.perf_counter() - start, 2)
+    apply_s, remove_s = [], []
+    for _ in range(args.runs):
+        start = time.perf_counter()
+        handle = apply_lora(model, factors)
+        apply_s.append(round(time.perf_counter() - start, 2))
+        start = time.perf_counter()
+        handle.remove()
+        remove_s.append(round(time.perf_counter() - start, 2))
+    res.update({"weights_dtype": args.dtype, "apply_s": apply_s, "remove_s": remove_s,
+                "weights_GiB": round(sum(p.numel() * p.element_size() for p in model.parameters()) / gib, 2)})
+
+    cfg, lat = model.config, args.size // 8
+    x, t = torch.randn(2, cfg.in_channels, lat, lat, dtype=model.pos_embed.dtype), torch.full((2,), 700.0)
+    ctx = torch.randn(2, 154, cfg.context_dim, dtype=x.dtype)
+    y = torch.randn(2, cfg.pooled_dim, dtype=x.dtype)
+    step = {"without LoRA": [], "with LoRA merged": []}
+    with torch.inference_mode():
+        model(x, t, context=ctx, y=y)                                   # warm-up
+        for _ in range(args.runs):
+            for name in step:
+                handle = apply_lora(model, factors) if name != "without LoRA" else None
+                start = time.perf_counter()
+                model(x, t, context=ctx, y=y)
+                step[name].append(round(time.perf_counter() - start, 2))
+                if handle:
+                    handle.remove()
+    res[f"forward {args.size}x{args.size}, batch 2, 154 tokens: seconds"] = step
+    res["forward_ratio_with_over_without"] = round(statistics.median(step["with LoRA merged"])
+                                                   / statistics.median(step["without LoRA"]), 3)
+    print(json.dumps(res, indent=2))
 
 
 def main(argv=None) -> None:
@@ -636,6 +730,8 @@ def main(argv=None) -> None:
         return _load_child(sys.argv[2], sys.argv[3], sys.argv[4])
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_train_child":
         return _train_child(*sys.argv[2:6], int(sys.argv[6]), int(sys.argv[7]))
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_lora_frugal_child":
+        return _lora_frugal_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_pipeline_child":
         return _pipeline_child(*sys.argv[2:7], int(sys.argv[7]), int(sys.argv[8]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -678,11 +774,16 @@ def main(argv=None) -> None:
     tr.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
     tr.add_argument("--size", type=int, default=256, help="image side in pixels")
     tr.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    lo = sub.add_parser("lora", help="LoRA: read/apply/remove time, forward with and without, frugal peak RSS")
+    lo.add_argument("--rank", type=int, default=64)
+    lo.add_argument("--dtype", default="fp32", help="the model's weights (fp32 needs ~10 GiB of RAM)")
+    lo.add_argument("--size", type=int, default=256, help="image side of the timed forward passes")
+    lo.add_argument("--runs", type=int, default=2)
     args = p.parse_args(argv)
     if args.malloc == "keep" and not keep_freed_memory():
         print("warning: --malloc keep has no effect here (not glibc)", file=sys.stderr)
     {"transformer": bench_transformer, "load": bench_load, "vae": bench_vae, "gemm": bench_gemm,
-     "pipeline": bench_pipeline, "train": bench_train}[args.cmd](args)
+     "pipeline": bench_pipeline, "train": bench_train, "lora": bench_lora}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -187,6 +187,21 @@ def test_remove_is_bit_identical_with_stacking_and_any_strength(oracle, tmp_path
         a.remove()
 
 
+def test_unrestorable_merge_is_the_same_and_refuses_removal(oracle, tmp_path):
+    ours, _, lora = oracle
+    path = diffusers_file(lora, tmp_path / "a.safetensors")
+    before = snapshot(ours)
+    h = apply_lora(ours, path, 0.9)
+    merged = snapshot(ours)
+    h.remove()
+    fast = apply_lora(ours, path, 0.9, restorable=False)
+    assert_bit_identical(ours, merged)
+    with pytest.raises(RuntimeError, match="restorable=False"):
+        fast.remove()
+    ours.load_state_dict(before)
+    ours._lora_handles.clear()
+
+
 def test_stacking_adds_the_deltas(oracle, reference_outputs, tmp_path):
     """0.5 + 0.5 of the same LoRA == strength 1 (diffusers' output) up to rounding."""
     ours, _, lora = oracle
