@@ -365,6 +365,7 @@ def read_lora(path_or_state_dict, strict_keys: bool = True) -> LoraFile:
                 lora.text_encoders.setdefault(KOHYA_TE[name[:8]], {})[unflatten(name[9:])] = f
             else:
                 unmatched.append(name)
+        lora.transformer = _merge_split_qkv(lora.transformer)     # 'attn_qkv_0/1/2', should a tool split them
     elif fmt == "diffusers":
         components: dict[str, dict[str, LoraFactor]] = {}
         for name, f in factors.items():

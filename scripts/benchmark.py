@@ -7,7 +7,7 @@
     python scripts/benchmark.py gemm [--rows 308 512 2048 8192] [--kernels]
     python scripts/benchmark.py pipeline [--size 512] [--steps 4]
     python scripts/benchmark.py train [--mode lora|full] [--checkpointing] [--size 256] [--steps 3]
-    python scripts/benchmark.py lora [--rank 64] [--dtype fp32] [--size 256]
+    python scripts/benchmark.py lora [--rank 64] [--dtype fp32] [--size 256] [--tokens 154]
 
 `transformer` times one forward pass of the full-size SD3.5 Medium transformer, ours and diffusers'
 SD3Transformer2DModel holding the *same* weight tensors, alternating in one process, and prints medians, the
@@ -648,7 +648,7 @@ def lora_file(cache: Path, rank: int) -> Path:
     return path
 
 
-def _lora_frugal_child(model: str, lora: str, size: int) -> None:
+def _lora_frugal_child(model: str, lora: str, size: int, tokens: int) -> None:
     """In a fresh process: one frugal-mode forward pass (weights as stored, streamed in fp32), peak RSS."""
     from mmditx import apply_lora, stream_weights
 
@@ -658,7 +658,7 @@ def _lora_frugal_child(model: str, lora: str, size: int) -> None:
         apply_lora(m, lora)
     cfg, lat = m.config, size // 8
     with torch.inference_mode():
-        m(torch.randn(2, cfg.in_channels, lat, lat), torch.full((2,), 700.0), context=torch.randn(2, 154, cfg.context_dim),
+        m(torch.randn(2, cfg.in_channels, lat, lat), torch.full((2,), 700.0), context=torch.randn(2, tokens, cfg.context_dim),
           y=torch.randn(2, cfg.pooled_dim))
     print(json.dumps({"peak_kb": peak_rss_kb(), "rss_before_kb": base}))
 
@@ -674,7 +674,8 @@ def bench_lora(args) -> None:
            "torch": torch.__version__, "lora_file_MiB": round(lora.stat().st_size / 2 ** 20, 1)}
     frugal = {}
     for name, extra in (("without LoRA", ""), ("with LoRA", str(lora))):
-        out = subprocess.run([sys.executable, __file__, "_lora_frugal_child", str(path), extra, str(args.size)],
+        out = subprocess.run([sys.executable, __file__, "_lora_frugal_child", str(path), extra, str(args.size),
+                              str(args.tokens)],
                              capture_output=True, text=True)
         if out.returncode != 0:
             frugal[name] = {"failed": out.stderr.strip().splitlines()[-1:]}
@@ -683,13 +684,13 @@ def bench_lora(args) -> None:
     if all("peak_rss_GiB" in v for v in frugal.values()):
         frugal["ratio_with_over_without"] = round(frugal["with LoRA"]["peak_rss_GiB"]
                                                   / frugal["without LoRA"]["peak_rss_GiB"], 3)
-    res[f"frugal forward {args.size}x{args.size}, batch 2: peak RSS"] = frugal
+    res[f"frugal forward {args.size}x{args.size}, batch 2, {args.tokens} tokens: peak RSS"] = frugal
     print(json.dumps(res, indent=2), flush=True)
 
     model = load_mmditx(path, dtype=args.dtype)
     with torch.no_grad():
         for p in model.parameters():       # touch every weight once: no page faults inside the timings
-            p.data.view(-1)[::4096].sum()
+            p.data.view(-1)[::1024].sum()
     start = time.perf_counter()
     factors = read_lora(lora)
     res["read_s"] = round(time.perf_counter() - start, 2)
@@ -706,7 +707,7 @@ def bench_lora(args) -> None:
 
     cfg, lat = model.config, args.size // 8
     x, t = torch.randn(2, cfg.in_channels, lat, lat, dtype=model.pos_embed.dtype), torch.full((2,), 700.0)
-    ctx = torch.randn(2, 154, cfg.context_dim, dtype=x.dtype)
+    ctx = torch.randn(2, args.tokens, cfg.context_dim, dtype=x.dtype)
     y = torch.randn(2, cfg.pooled_dim, dtype=x.dtype)
     step = {"without LoRA": [], "with LoRA merged": []}
     with torch.inference_mode():
@@ -719,7 +720,10 @@ def bench_lora(args) -> None:
                 step[name].append(round(time.perf_counter() - start, 2))
                 if handle:
                     handle.remove()
-    res[f"forward {args.size}x{args.size}, batch 2, 154 tokens: seconds"] = step
+    res[f"forward {args.size}x{args.size}, batch 2, {args.tokens} tokens: seconds"] = step
+    start = time.perf_counter()
+    apply_lora(model, factors, restorable=False)      # the pipeline's way: one product per weight, nothing kept
+    res["apply_unrestorable_s"] = round(time.perf_counter() - start, 2)
     res["forward_ratio_with_over_without"] = round(statistics.median(step["with LoRA merged"])
                                                    / statistics.median(step["without LoRA"]), 3)
     print(json.dumps(res, indent=2))
@@ -731,7 +735,7 @@ def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_train_child":
         return _train_child(*sys.argv[2:6], int(sys.argv[6]), int(sys.argv[7]))
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_lora_frugal_child":
-        return _lora_frugal_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return _lora_frugal_child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_pipeline_child":
         return _pipeline_child(*sys.argv[2:7], int(sys.argv[7]), int(sys.argv[8]))
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -778,6 +782,7 @@ def main(argv=None) -> None:
     lo.add_argument("--rank", type=int, default=64)
     lo.add_argument("--dtype", default="fp32", help="the model's weights (fp32 needs ~10 GiB of RAM)")
     lo.add_argument("--size", type=int, default=256, help="image side of the timed forward passes")
+    lo.add_argument("--tokens", type=int, default=154, help="context tokens of the timed forward passes")
     lo.add_argument("--runs", type=int, default=2)
     args = p.parse_args(argv)
     if args.malloc == "keep" and not keep_freed_memory():
