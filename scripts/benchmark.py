@@ -694,24 +694,25 @@ def bench_lora(args) -> None:
     start = time.perf_counter()
     factors = read_lora(lora)
     res["read_s"] = round(time.perf_counter() - start, 2)
-    apply_s, remove_s = [], []
-    for _ in range(args.runs):
+    if "apply" in args.parts:
+        apply_s, remove_s = [], []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            handle = apply_lora(model, factors)
+            apply_s.append(round(time.perf_counter() - start, 2))
+            start = time.perf_counter()
+            handle.remove()
+            remove_s.append(round(time.perf_counter() - start, 2))
         start = time.perf_counter()
-        handle = apply_lora(model, factors)
-        apply_s.append(round(time.perf_counter() - start, 2))
-        start = time.perf_counter()
-        handle.remove()
-        remove_s.append(round(time.perf_counter() - start, 2))
-    res.update({"weights_dtype": args.dtype, "apply_s": apply_s, "remove_s": remove_s,
-                "weights_GiB": round(sum(p.numel() * p.element_size() for p in model.parameters()) / gib, 2)})
-    start = time.perf_counter()
-    handle = apply_lora(model, factors, restorable=False)   # the pipeline's way: one product per weight, nothing kept
-    res["apply_unrestorable_s"] = round(time.perf_counter() - start, 2)
-    print(json.dumps(res, indent=2), flush=True)
+        handle = apply_lora(model, factors, restorable=False)   # the pipeline's way: one product per weight
+        res.update({"weights_dtype": args.dtype, "apply_s": apply_s, "remove_s": remove_s,
+                    "apply_unrestorable_s": round(time.perf_counter() - start, 2),
+                    "weights_GiB": round(sum(p.numel() * p.element_size() for p in model.parameters()) / gib, 2)})
+        print(json.dumps(res, indent=2), flush=True)
+        del model, handle
+        model = load_mmditx(path, dtype=args.dtype)         # fresh weights for the forward passes
     if "forward" not in args.parts:
         return
-    del model, handle
-    model = load_mmditx(path, dtype=args.dtype)         # fresh weights (the unrestorable LoRA stays merged)
 
     cfg, lat = model.config, args.size // 8
     x, t = torch.randn(2, cfg.in_channels, lat, lat, dtype=model.pos_embed.dtype), torch.full((2,), 700.0)
@@ -719,15 +720,14 @@ def bench_lora(args) -> None:
     y = torch.randn(2, cfg.pooled_dim, dtype=x.dtype)
     step = {"without LoRA": [], "with LoRA merged": []}
     with torch.inference_mode():
-        model(x, t, context=ctx, y=y)                                   # warm-up
-        for _ in range(args.runs):
-            for name in step:
-                handle = apply_lora(model, factors) if name != "without LoRA" else None
+        for name in step:                                   # all runs without, then all with the LoRA merged
+            if name != "without LoRA":
+                apply_lora(model, factors, restorable=False)
+            model(x, t, context=ctx, y=y)                   # warm-up
+            for _ in range(args.runs):
                 start = time.perf_counter()
                 model(x, t, context=ctx, y=y)
                 step[name].append(round(time.perf_counter() - start, 2))
-                if handle:
-                    handle.remove()
     res[f"forward {args.size}x{args.size}, batch 2, {args.tokens} tokens: seconds"] = step
     res["forward_ratio_with_over_without"] = round(statistics.median(step["with LoRA merged"])
                                                    / statistics.median(step["without LoRA"]), 3)
