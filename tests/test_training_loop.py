@@ -70,6 +70,15 @@ def test_resume_equals_one_run(dataset, tmp_path, lora):
     assert [r["loss"] for r in one.history[2:]] == [r["loss"] for r in resumed.history]
 
 
+def test_resume_refuses_other_options(dataset, tmp_path):
+    first = Trainer(tiny(), dataset, config(steps=1), tmp_path / "a", log_stream=None)
+    state = first.state_dict()
+    other = Trainer(tiny(), dataset, config(steps=3, lr=5e-4), tmp_path / "a", log_stream=None)
+    with pytest.raises(ValueError, match="options of the original run: lr differ"):
+        other.load_state_dict(state)
+    Trainer(tiny(), dataset, config(steps=3), tmp_path / "a", log_stream=None).load_state_dict(state)  # more steps: fine
+
+
 def test_lr_schedule():
     cfg = TrainConfig(steps=10, warmup_steps=2, lr_schedule="cosine")
     assert [lr_factor(s, cfg) for s in (0, 1)] == [0.5, 1.0]

@@ -238,6 +238,12 @@ class Trainer:
                 "ema": self.ema, "data": {"micro_batches_done": self.step * self.config.grad_accum}}
 
     def load_state_dict(self, state: dict) -> None:
+        free = {"steps", "save_every", "validate_every", "full_checkpoints", "lora_format"}  # may change on resume
+        saved, now = state["config"], self.config.to_dict()
+        changed = sorted(k for k in now if k not in free and _plain(saved.get(k)) != _plain(now[k]))
+        if changed:
+            raise ValueError(f"resume with the options of the original run: {', '.join(changed)} differ "
+                             f"(saved {[saved.get(k) for k in changed]}, now {[now[k] for k in changed]})")
         names = {n for n, _ in self.trainable}
         if set(state["trainable"]) != names:
             raise ValueError("the saved state trains different parameters than this run (LoRA targets or rank "
@@ -252,6 +258,15 @@ class Trainer:
 
     def resume(self, path: str | Path) -> None:
         self.load_state_dict(load_state(path))
+
+
+def _plain(value):
+    """Tuples and lists compare equal (a state read back from disk may hold either)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 class _Silent:
