@@ -45,9 +45,10 @@ import torch
 from torch import nn
 
 from .blocks import DismantledBlock, JointBlock
-from .checkpoint import (CheckpointError, SafetensorsFile, assign_from_file, build_on_meta, check_keys,
-                         expected_shapes, open_safetensors, parse_dtype)
+from .checkpoint import (CheckpointError, RenamedCheckpoint, SafetensorsFile, assign_from_file, build_on_meta,
+                         check_keys, expected_shapes, open_safetensors, parse_dtype, to_ours)
 from .config import HEAD_DIM
+from .diffusers_names import controlnet_rules, embedder_rules
 from .layers import Attention, PatchEmbed, TimestepEmbedder, VectorEmbedder
 
 CONTROL_TYPES = ("blur", "canny", "depth")   # the official `control_type` values 0, 1, 2
@@ -210,57 +211,10 @@ def control_units(net: ControlNet) -> list[nn.Module]:
 
 
 # -- files -----------------------------------------------------------------------------------------------------
-# Embedders: the official files already use diffusers' names for these (sd3_infer.CONTROLNET_MAP).
-_EMBEDDERS = {
-    "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
-    "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
-    "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
-    "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2",
-    "x_embedder.proj": "pos_embed.proj",
-    "pos_embed": "pos_embed.pos_embed",
-}
-# diffusers' block names for one stream of ours: {our suffix: [diffusers names concatenated along dim 0]}
-_X_STREAM = {"adaLN_modulation.1": ["norm1.linear"], "attn.qkv": ["attn.to_q", "attn.to_k", "attn.to_v"],
-             "attn.proj": ["attn.to_out.0"], "attn.ln_q": ["attn.norm_q"], "attn.ln_k": ["attn.norm_k"],
-             "attn2.qkv": ["attn2.to_q", "attn2.to_k", "attn2.to_v"], "attn2.proj": ["attn2.to_out.0"],
-             "attn2.ln_q": ["attn2.norm_q"], "attn2.ln_k": ["attn2.norm_k"],
-             "mlp.fc1": ["ff.net.0.proj"], "mlp.fc2": ["ff.net.2"]}
-_CONTEXT_STREAM = {"adaLN_modulation.1": ["norm1_context.linear"],
-                   "attn.qkv": ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-                   "attn.proj": ["attn.to_add_out"], "attn.ln_q": ["attn.norm_added_q"],
-                   "attn.ln_k": ["attn.norm_added_k"], "mlp.fc1": ["ff_context.net.0.proj"],
-                   "mlp.fc2": ["ff_context.net.2"]}
-
-
-class _RenamedFile:
-    """A safetensors file seen under our names: each name maps to one or more file keys (q, k, v are
-    concatenated into qkv). Offers what check_keys and assign_from_file use."""
-
-    def __init__(self, f: SafetensorsFile, names: dict[str, list[str]]):
-        self.f, self.path, self.names = f, f.path, names
-
-    def keys(self) -> list[str]:
-        return list(self.names)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.names
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        shapes = [self.f.shape(k) for k in self.names[key]]
-        return (sum(s[0] for s in shapes), *shapes[0][1:])
-
-    def tensor(self, key: str) -> torch.Tensor:
-        parts = [self.f.tensor(k) for k in self.names[key]]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def release(self, key: str) -> None:
-        for k in self.names[key]:
-            self.f.release(k)
-
-
-def _our_names(f: SafetensorsFile) -> tuple[dict[str, list[str]], str]:
-    """{our name: [file keys]} for an official or diffusers-format ControlNet file, and the layout."""
-    keys = set(f.keys())
+def _our_names(f: SafetensorsFile) -> tuple[RenamedCheckpoint, str]:
+    """An official or diffusers-format ControlNet file seen under our names (the official ones: the official
+    files name their embedders as diffusers does, sd3_infer.CONTROLNET_MAP), and the file's layout."""
+    keys = f.keys()
     if not any(k.startswith("controlnet_blocks.") for k in keys) or not any(k.startswith("transformer_blocks.")
                                                                            for k in keys):
         hint = ""
@@ -268,35 +222,12 @@ def _our_names(f: SafetensorsFile) -> tuple[dict[str, list[str]], str]:
             hint = " It looks like an SD3 transformer: give it as the model, not as --controlnet."
         raise CheckpointError(f"{f.path}: not an SD3 ControlNet (no 'controlnet_blocks.*' and "
                               f"'transformer_blocks.*' keys).{hint}")
-    file_of = {v: k for k, v in _EMBEDDERS.items()}
-    names: dict[str, list[str]] = {}
-    diffusers = any(re.match(r"transformer_blocks\.\d+\.attn\.to_q\.", k) for k in keys)
-    for key in sorted(keys):
-        if key == "control_type":
-            continue
-        m = re.match(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
-        if diffusers and m:
-            i, name, kind = m.groups()
-            joint = f"transformer_blocks.{i}.norm1_context.linear.weight" in keys
-            matches = [(stream, ours, parts) for table, stream in ((_X_STREAM, "x_block."),
-                                                                   (_CONTEXT_STREAM, "context_block."))
-                       for ours, parts in table.items() if name == parts[0]]
-            for stream, ours, parts in matches:
-                names[f"transformer_blocks.{i}.{stream if joint else ''}{ours}.{kind}"] = \
-                    [f"transformer_blocks.{i}.{p}.{kind}" for p in parts]
-            if matches or any(name in parts[1:] for t in (_X_STREAM, _CONTEXT_STREAM) for parts in t.values()):
-                continue
-        base, _, kind = key.rpartition(".")
-        if key == "pos_embed.pos_embed":
-            names["pos_embed"] = [key]
-        elif base in file_of:
-            names[f"{file_of[base]}.{kind}"] = [key]
-        else:
-            names[key] = [key]
-    return names, "diffusers" if diffusers else "official"
+    diffusers = any(re.fullmatch(r"transformer_blocks\.\d+\.attn\.to_q\.weight", k) for k in keys)
+    rules = controlnet_rules(joint="context_embedder.weight" in f) if diffusers else embedder_rules()
+    return to_ours(f, rules, "SD3 ControlNet"), "diffusers" if diffusers else "official"
 
 
-def controlnet_config(names: _RenamedFile, layout: str, diffusers_config: dict | None = None) -> ControlNetConfig:
+def controlnet_config(names: RenamedCheckpoint, layout: str, diffusers_config: dict | None = None) -> ControlNetConfig:
     """The configuration read off the shapes (and, for diffusers folders, the two flags of config.json)."""
     def need(key):
         if key not in names:
@@ -368,7 +299,7 @@ def read_controlnet_config(path: str | os.PathLike) -> ControlNetConfig:
     file, dconf = _resolve(path)
     f = open_safetensors(file)
     names, layout = _our_names(f)
-    return controlnet_config(_RenamedFile(f, names), layout, dconf)
+    return controlnet_config(names, layout, dconf)
 
 
 def _control_type(f: SafetensorsFile) -> str | None:
@@ -392,13 +323,14 @@ def load_controlnet(path: str | os.PathLike, device: torch.device | str = "cpu",
     dtype = parse_dtype(dtype)
     file, dconf = _resolve(path)
     f = open_safetensors(file)
-    names, layout = _our_names(f)
-    renamed = _RenamedFile(f, names)
+    renamed, layout = _our_names(f)
     config = controlnet_config(renamed, layout, dconf)
     net = build_on_meta(lambda: ControlNet(config, _control_type(f), source=str(path)))
-    # The official 8b files may carry an unused x_embedder (pos_embed.proj): the main model's embeds x.
+    # control_type is read above; the official 8b files may carry an unused x_embedder (pos_embed.proj): the
+    # main model's embeds x.
     check_keys(renamed, "", expected_shapes(net), "SD3 ControlNet",
-               ignore_unexpected=lambda k: k.startswith("x_embedder.") and not config.own_tokens)
+               ignore_unexpected=lambda k: k == "control_type"
+               or (k.startswith("x_embedder.") and not config.own_tokens))
     return assign_from_file(net, renamed, "", dtype=dtype, device=device, check_finite=check_finite)
 
 
@@ -433,13 +365,15 @@ def control_residuals(model, controls, x: torch.Tensor, tokens: torch.Tensor, t:
 
 # -- writing: random nets in the official layout (examples, benchmarks) ------------------------------------------
 def official_state_dict(net: ControlNet) -> dict[str, torch.Tensor]:
-    """The net's tensors under the official file's names (sd3_infer.CONTROLNET_MAP), with its control_type."""
+    """The net's tensors under the official file's names (embedders as diffusers names them), with its
+    control_type."""
     if net.config.layout != "official" or net.config.variant not in ("8b", "2b"):
         raise ValueError(f"only official-layout nets (8b, 2b) are written; this one is {net.config.variant}")
+    rules = embedder_rules()
     out = {}
     for name, t in net.state_dict().items():
-        base, _, kind = name.rpartition(".")
-        out[f"{_EMBEDDERS[base]}.{kind}" if base in _EMBEDDERS else name] = t
+        rule, fields = next(((r, m) for r in rules if (m := r.match_ours(name)) is not None), (None, None))
+        out[rule.theirs[0].format(**fields) if rule else name] = t
     if net.control_type is not None:
         out["control_type"] = torch.tensor([CONTROL_TYPES.index(net.control_type)], dtype=torch.int32)
     return out
