@@ -257,3 +257,43 @@ def report(config: MMDiTXConfig, height: int = 1024, width: int = 1024, batch: i
     total = sum(r.params for r in rows)
     steps_text = format_step_flops(step_flops(cfg, height, width, batch, tokens, steps))
     return "\n".join(header + [format_table(rows), "", format_memory(total), "", steps_text, NOT_COUNTED])
+
+
+def controlnet_flops(net, config: MMDiTXConfig, height: int, width: int, batch: int, tokens: int) -> dict[str, int]:
+    """{component: matmul FLOPs} of one ControlNet forward (a ControlNetConfig `net` steering a transformer of
+    `config`), counted as above; the residual adds into the transformer are not counted."""
+    B, Lc, N, D, p = batch, tokens, image_tokens(config, height, width), net.hidden_size, net.patch_size
+    H, d = net.num_heads, net.hidden_size // net.num_heads
+    rows = {"pos_embed_input": linear(B * N, net.cond_channels * p * p, D),
+            "t_embedder": linear(B, TIMESTEP_FREQ_DIM, D) + linear(B, D, D),
+            "y_embedder": linear(B, net.pooled_dim, D) + linear(B, D, D)}
+    if net.own_tokens:
+        rows["x_embedder"] = linear(B * N, config.in_channels * p * p, D)
+    if net.pooled_from_main:  # the "2b" nets run the main model's y_embedder once more
+        rows["main y_embedder"] = linear(B, config.pooled_dim, D) + linear(B, D, D)
+    if net.joint:
+        rows["context_embedder"] = linear(B * Lc, net.context_dim, D)
+    blocks = 0
+    for i in range(net.depth):
+        dual = i in net.dual_attention_blocks
+        blocks += stream_flops(config, B, N, pre_only=False, dual=dual) + (attention(B, H, N, N, d) if dual else 0)
+        if net.joint:
+            blocks += stream_flops(config, B, Lc, pre_only=False, dual=False) + attention(B, H, Lc + N, Lc + N, d)
+        else:
+            blocks += attention(B, H, N, N, d)                  # self-attention over the image tokens only
+    rows["transformer_blocks"] = blocks
+    rows["controlnet_blocks"] = net.depth * linear(B * N, D, D)
+    return rows
+
+
+def controlnet_report(net, config: MMDiTXConfig, height: int, width: int, batch: int, tokens: int,
+                      name: str = "ControlNet") -> str:
+    rows = controlnet_flops(net, config, height, width, batch, tokens)
+    total, model = sum(rows.values()), forward_flops(config, height, width, batch, tokens)
+    width_ = max(len(k) for k in rows)
+    return "\n".join(
+        [f"{name}: {net.variant}, {net.depth} blocks, hidden {net.hidden_size}; FLOPs of one forward pass "
+         f"(batch {batch}, same sizes)"]
+        + [f"  {k:<{width_}} {_flops_text(v):>16}" for k, v in rows.items()]
+        + [f"  {'total':<{width_}} {_flops_text(total):>16}  = {total / model:.3f} x the transformer's "
+           f"{_flops_text(model)}: a step with it costs at most {1 + total / model:.3f}x"])

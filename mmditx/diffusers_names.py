@@ -30,10 +30,8 @@ def _attention(ours: str, theirs: str, q: str, k: str, v: str, out: str | None, 
     return rules
 
 
-def transformer_rules(depth: int) -> list[Rename]:
-    """The naming rules for a transformer of `depth` joint blocks (the last one's context stream is pre-only)."""
-    b, t = "joint_blocks.{b}", "transformer_blocks.{b}"
-    last = depth - 1
+def embedder_rules() -> list[Rename]:
+    """The embedders (the SD3.5 ControlNet files use these diffusers names too, see mmditx/controlnet.py)."""
     return [
         Rename("pos_embed", "pos_embed.pos_embed"),
         Rename("x_embedder.proj.{w}", "pos_embed.proj.{w}"),
@@ -42,23 +40,55 @@ def transformer_rules(depth: int) -> list[Rename]:
         Rename("y_embedder.mlp.0.{w}", "time_text_embed.text_embedder.linear_1.{w}"),
         Rename("y_embedder.mlp.2.{w}", "time_text_embed.text_embedder.linear_2.{w}"),
         Rename("context_embedder.{w}", "context_embedder.{w}"),
-        # image stream
-        *_attention(f"{b}.x_block.attn", f"{t}.attn", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k"),
-        *_attention(f"{b}.x_block.attn2", f"{t}.attn2", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k"),
-        Rename(f"{b}.x_block.adaLN_modulation.1.{{w}}", f"{t}.norm1.linear.{{w}}"),
-        Rename(f"{b}.x_block.mlp.fc1.{{w}}", f"{t}.ff.net.0.proj.{{w}}"),
-        Rename(f"{b}.x_block.mlp.fc2.{{w}}", f"{t}.ff.net.2.{{w}}"),
-        # context stream (the last block's is pre-only: no output projection or MLP, and a continuous norm)
-        *_attention(f"{b}.context_block.attn", f"{t}.attn", "add_q_proj", "add_k_proj", "add_v_proj",
-                    "to_add_out", "norm_added_q", "norm_added_k"),
+    ]
+
+
+def image_stream_rules(b: str, t: str) -> list[Rename]:
+    """Our image stream `b` (a DismantledBlock, with attn2 in dual-attention blocks) <- diffusers' block `t`."""
+    return [
+        *_attention(f"{b}.attn", f"{t}.attn", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k"),
+        *_attention(f"{b}.attn2", f"{t}.attn2", "to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k"),
+        Rename(f"{b}.adaLN_modulation.1.{{w}}", f"{t}.norm1.linear.{{w}}"),
+        Rename(f"{b}.mlp.fc1.{{w}}", f"{t}.ff.net.0.proj.{{w}}"),
+        Rename(f"{b}.mlp.fc2.{{w}}", f"{t}.ff.net.2.{{w}}"),
+    ]
+
+
+def context_stream_rules(b: str, t: str) -> list[Rename]:
+    """Our text stream `b` <- diffusers' block `t` (a full stream; see transformer_rules for the pre-only one)."""
+    return [
+        *_attention(f"{b}.attn", f"{t}.attn", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                    "norm_added_q", "norm_added_k"),
+        Rename(f"{b}.adaLN_modulation.1.{{w}}", f"{t}.norm1_context.linear.{{w}}"),
+        Rename(f"{b}.mlp.fc1.{{w}}", f"{t}.ff_context.net.0.proj.{{w}}"),
+        Rename(f"{b}.mlp.fc2.{{w}}", f"{t}.ff_context.net.2.{{w}}"),
+    ]
+
+
+def transformer_rules(depth: int) -> list[Rename]:
+    """The naming rules for a transformer of `depth` joint blocks (the last one's context stream is pre-only)."""
+    b, t = "joint_blocks.{b}", "transformer_blocks.{b}"
+    last = depth - 1
+    return [
+        *embedder_rules(),
+        *image_stream_rules(f"{b}.x_block", t),
+        # the last block's context stream is pre-only: no output projection or MLP, and a continuous norm
         Rename(f"joint_blocks.{last}.context_block.adaLN_modulation.1.{{w}}",
                f"transformer_blocks.{last}.norm1_context.linear.{{w}}", swap_halves=True),
-        Rename(f"{b}.context_block.adaLN_modulation.1.{{w}}", f"{t}.norm1_context.linear.{{w}}"),
-        Rename(f"{b}.context_block.mlp.fc1.{{w}}", f"{t}.ff_context.net.0.proj.{{w}}"),
-        Rename(f"{b}.context_block.mlp.fc2.{{w}}", f"{t}.ff_context.net.2.{{w}}"),
+        *context_stream_rules(f"{b}.context_block", t),
         Rename("final_layer.adaLN_modulation.1.{w}", "norm_out.linear.{w}", swap_halves=True),
         Rename("final_layer.linear.{w}", "proj_out.{w}"),
     ]
+
+
+def controlnet_rules(joint: bool) -> list[Rename]:
+    """diffusers' SD3ControlNetModel -> our ControlNet (mmditx/controlnet.py): the embedders as above; blocks with a
+    text stream (no pre-only one) or single-stream blocks (diffusers' SD3SingleTransformerBlock, named like one
+    image stream); controlnet_blocks and pos_embed_input keep their names."""
+    t = "transformer_blocks.{b}"
+    blocks = ([*image_stream_rules(f"{t}.x_block", t), *context_stream_rules(f"{t}.context_block", t)] if joint
+              else image_stream_rules(t, t))
+    return [*embedder_rules(), *blocks]
 
 
 def _depth(names, pattern: str) -> int:

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .blocks import JointBlock
 from .config import MMDiTXConfig
+from .controlnet import control_residuals
 from .layers import PatchEmbed, TimestepEmbedder, VectorEmbedder, modulate
 
 
@@ -101,8 +102,9 @@ class MMDiTX(nn.Module):
         return t
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor, y: torch.Tensor,
-                skip_layers=(), pos_offset: tuple[int, int] | None = None) -> torch.Tensor:
-        """pos_offset: (top, left) of the positional-table crop in patches; None (inference) is the center."""
+                skip_layers=(), pos_offset: tuple[int, int] | None = None, controls=()) -> torch.Tensor:
+        """pos_offset: (top, left) of the positional-table crop in patches; None (inference) is the center.
+        controls: [(ControlNet, control_latent, strength), ...] (mmditx.controlnet), latents (B or 1, C, H, W)."""
         t = self.check_inputs(x, t, context, y)
         skip = set(skip_layers)
         if not skip <= set(range(self.config.depth)):
@@ -114,8 +116,9 @@ class MMDiTX(nn.Module):
         pos = self.cropped_pos_embed(h, w, pos_offset).to(x.device, dtype)     # (1, h*w, D), a no-op unless streaming
         if not torch.is_autocast_enabled(x.device.type):                        # autocast casts inside each op:
             x, y, context = x.to(dtype), y.to(dtype), context.to(dtype)         # no full-size copy of an fp16 cache
-        x = self.x_embedder(x) + pos                                            # (B, h*w, D)
+        latent, x = x, self.x_embedder(x) + pos                                 # (B, h*w, D)
         c = self.t_embedder(t) + self.y_embedder(y)                             # (B, D)
+        control = control_residuals(self, controls, latent, x, t, context, y, skip) if controls else {}
         context = self.context_embedder(context)                                # (B, Lc, D)
 
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -126,6 +129,8 @@ class MMDiTX(nn.Module):
                 context, x = checkpoint(block, context, x, c, use_reentrant=False)
             else:
                 context, x = block(context, x, c)
+            if i in control:
+                x = x + control[i]                                              # ControlNet residual
 
         x = self.final_layer(x, c)                                              # (B, h*w, p*p*C)
         return self.unpatchify(x, h, w)                                         # (B, C, H, W)

@@ -44,10 +44,16 @@ class GuidedDenoiser:
     step: int = 0
     calls: list = field(default_factory=list)
     calls_per_step: int = 1
+    # ControlNets: (net, control latent, spec with .strength and .active(step, steps)) (sampling.control)
+    controls: list = field(default_factory=list)
 
-    def velocity(self, x, sigma, context, y, skip_layers=()):
+    def velocity(self, x, sigma, context, y, skip_layers=(), controlled=True):
         t = (sigma * 1000).to(torch.float32).expand(x.shape[0])
-        return self.model(x, t, context=context, y=y, skip_layers=skip_layers).to(x.dtype)
+        step = self.step // self.calls_per_step
+        active = [(net, latent, spec.strength) for net, latent, spec in self.controls
+                  if controlled and spec.active(step, self.steps)]
+        kw = {"controls": active} if active else {}
+        return self.model(x, t, context=context, y=y, skip_layers=skip_layers, **kw).to(x.dtype)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -62,7 +68,8 @@ class GuidedDenoiser:
         step = self.step // self.calls_per_step
         skip = self.slg is not None and self.slg.active(step, self.steps)
         if skip:
-            v_skip = self.velocity(x, sigma, c_ctx, c_y, skip_layers=self.slg.layers)
+            # as the official SkipLayerCFGDenoiser: the skip pass runs without the ControlNets
+            v_skip = self.velocity(x, sigma, c_ctx, c_y, skip_layers=self.slg.layers, controlled=False)
             v = v + (v_cond - v_skip) * self.slg.scale
         self.calls.append((step, skip))
         self.step += 1

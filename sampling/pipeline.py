@@ -28,12 +28,14 @@ from PIL import Image
 
 import encoders
 import vae as vae_lib
-from mmditx import load_mmditx, read_config, stream_weights
+from mmditx import load_controlnet, load_mmditx, read_config, read_controlnet_config, stream_weights
 from encoders.clip import PREFIXES as CLIP_PREFIXES
 from encoders.t5 import PREFIXES as T5_PREFIXES
 from encoders.tokenizers import T5_MAX_LENGTH, T5_MIN_LENGTH
 from mmditx.checkpoint import open_safetensors, parse_device, parse_dtype, read_model_index
+from mmditx.controlnet import check_compatible, control_units, read_control_type
 
+from .control import ControlSpec, control_type_of, encode_control, load_control_image
 from .defaults import load_sampling_defaults
 from .guidance import GuidedDenoiser, SkipLayerGuidance
 from .io import check_image_file, read_image
@@ -276,12 +278,14 @@ def hires_size(p: GenerationParams) -> tuple[int, int]:
 class Pipeline:
     def __init__(self, files: ModelFiles, device: str | torch.device = "cpu", dtype=None,
                  memory: str = "resident", compile: bool = False, check_weights: bool = False,
-                 loras=()):
+                 loras=(), controlnets=()):
         """compile: run the transformer through `torch.compile` (the first step of each image size compiles:
         about 2 minutes on a 2-core CPU for ~5% per step there; see docs/performance.md).
         check_weights: scan every weight for NaN/inf while loading (a CheckpointError names the tensor).
         loras: [(path, strength), ...] LoRA files of any supported format (mmditx.lora), merged into the
-        transformer and text encoders as they are loaded, in this order (see sampling/loras.py)."""
+        transformer and text encoders as they are loaded, in this order (see sampling/loras.py).
+        controlnets: [(file, control image, strength, start, end), ...] or sampling.control.ControlSpec's;
+        each net steers the steps from start to end (fractions) with its strength (first pass only with hires)."""
         if memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {', '.join(MEMORY_MODES)}, not {memory!r}")
         if compile and memory == "frugal":
@@ -293,7 +297,11 @@ class Pipeline:
         self.dtype = parse_dtype(dtype) or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.config = read_config(files.model)  # header only: sizes can be checked before loading anything
         self.loras = load_loras(loras, self.config)  # read and checked now, before any model is loaded
+        self.controls = [ControlSpec.parse(c) for c in controlnets]
+        for spec in self.controls:              # wrong net for this model: fail before loading anything
+            check_compatible(read_controlnet_config(spec.file), self.config, spec.file)
         self._text = self._transformer = self._vae = None
+        self._controlnets = None
         if memory == "resident":
             self.text_encoder(), self.transformer(), self.autoencoder()
 
@@ -325,6 +333,20 @@ class Pipeline:
                 apply_to_transformer(model, self.loras)        # merged: no cost per step
                 self._transformer = torch.compile(model) if self.compile else model
         return self._transformer
+
+    def controlnets(self) -> list:
+        """The ControlNets, loaded as the transformer is (streamed in the frugal mode)."""
+        if self._controlnets is None:
+            nets = []
+            for spec in self.controls:
+                if self.memory == "frugal":
+                    net = load_controlnet(spec.file, device="cpu", dtype=None, check_finite=self.check_weights)
+                    nets.append(stream_weights(net, self.device, self.dtype, units=control_units(net)))
+                else:
+                    nets.append(load_controlnet(spec.file, device=self.device, dtype=self.dtype,
+                                                check_finite=self.check_weights))
+            self._controlnets = nets
+        return self._controlnets
 
     def autoencoder(self):
         if self._vae is None:
@@ -370,12 +392,15 @@ class Pipeline:
         for t, what in ((cond[0], "prompt"), (uncond[0], "negative prompt")):
             check_finite(t, f"encoding the {what} (text encoders)")
         init_latent = self._encode_image(p.init_image, p.width, p.height) if p.init_image is not None else None
+        controls = self._control_latents(p.width, p.height)
 
         seeds = [p.seed + k for k in range(num_images)]
         batches = [seeds[i:i + batch_size] for i in range(0, num_images, batch_size)]
         generators = [[torch.Generator("cpu").manual_seed(s) for s in b] for b in batches]  # ancestral noise
-        latents = [self._sample(p, sampler, schedule, cond, uncond, init_latent, slg, b, g, callback)
+        latents = [self._sample(p, sampler, schedule, cond, uncond, init_latent, slg, b, g, callback,
+                                controls=controls)
                    for b, g in zip(batches, generators)]
+        self._release("_controlnets")
         if p.hires_scale is not None:
             latents = self._hires(p, sampler, latents, cond, uncond, slg, batches, generators, hires_files, callback)
         self._release("_transformer")
@@ -391,7 +416,7 @@ class Pipeline:
         return (pil, x) if return_latents else pil
 
     def _sample(self, p: GenerationParams, sampler, schedule, cond, uncond, init_latent, slg, seeds, generators,
-                callback, size: tuple[int, int] | None = None, steps: int | None = None, model=None):
+                callback, size: tuple[int, int] | None = None, steps: int | None = None, model=None, controls=()):
         """One batch: the latents (len(seeds), 16, H/8, W/8) after sampling, each image from its own generators.
         size (height, width), steps and model: the second pass's, when not the first's."""
         n = len(seeds)
@@ -401,7 +426,8 @@ class Pipeline:
         x = noise_latent(noise, latent, schedule[0]).to(self.device)
         as_model = [t.expand(n, *t.shape[1:]).to(self.device, self.dtype) for t in (*cond, *uncond)]
         denoiser = GuidedDenoiser(model or self.transformer(), tuple(as_model[:2]), tuple(as_model[2:]), p.cfg,
-                                  steps or p.steps, slg, calls_per_step=MODEL_CALLS_PER_STEP.get(p.sampler, 1))
+                                  steps or p.steps, slg, calls_per_step=MODEL_CALLS_PER_STEP.get(p.sampler, 1),
+                                  controls=list(controls))
         total = len(schedule) - 1
         if callback:
             callback(-1, total, None)
@@ -468,6 +494,20 @@ class Pipeline:
             image = image.resize((width, height), Image.LANCZOS)
             out.append(self.autoencoder().encode(vae_lib.image_to_tensor(image), sample=False).float().cpu())
         return torch.cat(out)
+
+    def _control_latents(self, width: int, height: int) -> list:
+        """[(net, (1, C, h, w) control latent, spec)] for the GuidedDenoiser; the VAE encodes every image first."""
+        if not self.controls:
+            return []
+        latents = []
+        for spec in self.controls:  # headers only: the nets load after the VAE is freed
+            kind = control_type_of(spec, read_control_type(spec.file))
+            image = load_control_image(spec, kind)
+            latents.append(encode_control(self.autoencoder(), image, read_controlnet_config(spec.file), kind,
+                                          width, height))
+        self._release("_vae")
+        return [(net, latent.to(self.device), spec) for net, latent, spec in zip(self.controlnets(), latents,
+                                                                                  self.controls)]
 
     def _encode_image(self, path: str, width: int, height: int) -> torch.Tensor:
         image = read_image(path, "init image")

@@ -8,6 +8,7 @@
     python scripts/benchmark.py pipeline [--size 512] [--steps 4]
     python scripts/benchmark.py train [--mode lora|full] [--checkpointing] [--size 256] [--steps 3]
     python scripts/benchmark.py lora [--rank 64] [--dtype fp32] [--size 256] [--tokens 154]
+    python scripts/benchmark.py controlnet [--size 256] [--blocks 12] [--kind 8b]
 
 `transformer` times one forward pass of the full-size SD3.5 Medium transformer, ours and diffusers'
 SD3Transformer2DModel holding the *same* weight tensors, alternating in one process, and prints medians, the
@@ -23,6 +24,10 @@ the fp8 T5 file, which it keeps in fp8.
 `lora` applies a random LoRA of --rank on every linear layer of the full-size transformer (stored fp16, as
 LoRA files usually are): the time to read it, merge it and remove it, one forward pass with and without it
 merged, and (fresh subprocesses) the peak RSS of a frugal-mode forward pass with and without it.
+
+`controlnet` times one forward pass of the full-size transformer with and without one random full-size
+ControlNet (official layout, --blocks blocks of --kind), alternating, and prints the measured ratio next to the
+ratio of FLOPs (mmditx.anatomy.controlnet_flops).
 
 `train` times one training step (forward, backward, AdamW) in fresh subprocesses, one side after the other:
 ours (training.lora adapters, rank 16 on the attention q/k/v/out of both streams) against the core loop of
@@ -734,6 +739,35 @@ def bench_lora(args) -> None:
     print(json.dumps(res, indent=2))
 
 
+def bench_controlnet(args) -> None:
+    from mmditx.anatomy import controlnet_flops, forward_flops
+    from mmditx.controlnet import random_controlnet
+
+    torch.manual_seed(0)
+    model = load_mmditx(random_checkpoint(args.cache, args.stored), dtype="fp32")
+    cfg, B, lat = model.config, args.batch, args.size // 8
+    net = random_controlnet(cfg, args.blocks, args.kind, "canny", seed=0)
+    x, ctx = torch.randn(B, cfg.in_channels, lat, lat), torch.randn(B, args.tokens, cfg.context_dim)
+    y, t, cond = torch.randn(B, cfg.pooled_dim), torch.full((B,), 700.0), torch.randn(1, 16, lat, lat)
+    runners = {"without": lambda: model(x, t, context=ctx, y=y),
+               "with_controlnet": lambda: model(x, t, context=ctx, y=y, controls=[(net, cond, 1.0)])}
+    with torch.inference_mode():
+        for run in runners.values():
+            run()  # warm-up
+        times = time_runs(runners, args.runs)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = forward_flops(cfg, args.size, args.size, B, args.tokens)
+    extra = sum(controlnet_flops(net.config, cfg, args.size, args.size, B, args.tokens).values())
+    print(json.dumps({"what": "transformer forward with and without one ControlNet",
+                      "image": f"{args.size}x{args.size}", "batch": B, "context_tokens": args.tokens,
+                      "controlnet": f"{args.kind}, {args.blocks} blocks",
+                      "threads": torch.get_num_threads(), "runs": args.runs,
+                      "seconds": {k: [round(s, 3) for s in v] for k, v in times.items()},
+                      "median_s": {k: round(v, 3) for k, v in med.items()},
+                      "ratio_with_over_without": round(med["with_controlnet"] / med["without"], 3),
+                      "flop_ratio_with_over_without": round((base + extra) / base, 3)}, indent=2))
+
+
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_load_child":
         return _load_child(sys.argv[2], sys.argv[3], sys.argv[4])
@@ -791,11 +825,18 @@ def main(argv=None) -> None:
     lo.add_argument("--runs", type=int, default=2)
     lo.add_argument("--parts", nargs="+", choices=["frugal", "apply", "forward"], default=["frugal", "apply", "forward"],
                     help="what to measure (apply is always measured when forward is)")
+    cn = sub.add_parser("controlnet", help="one forward pass with and without one ControlNet (step cost ratio)")
+    cn.add_argument("--size", type=int, default=256, help="image side in pixels")
+    cn.add_argument("--batch", type=int, default=2, help="2 = one image with classifier-free guidance")
+    cn.add_argument("--tokens", type=int, default=154)
+    cn.add_argument("--blocks", type=int, default=12, help="ControlNet blocks (half of SD3.5 Medium's 24)")
+    cn.add_argument("--kind", choices=["8b", "2b"], default="8b")
+    cn.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
     if args.malloc == "keep" and not keep_freed_memory():
         print("warning: --malloc keep has no effect here (not glibc)", file=sys.stderr)
     {"transformer": bench_transformer, "load": bench_load, "vae": bench_vae, "gemm": bench_gemm,
-     "pipeline": bench_pipeline, "train": bench_train, "lora": bench_lora}[args.cmd](args)
+     "pipeline": bench_pipeline, "train": bench_train, "lora": bench_lora, "controlnet": bench_controlnet}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,18 @@ def parse_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--check-weights", action="store_true",
                    help="scan every weight for NaN/inf while loading (names the broken tensor; slower loading)")
+    c = p.add_argument_group("ControlNet (repeat --controlnet and --control-image for several nets; the other "
+                             "options are given once for all or once per net)")
+    c.add_argument("--controlnet", action="append", default=[], metavar="FILE",
+                   help="an official SD3.5 ControlNet file or a diffusers-format one (file or folder)")
+    c.add_argument("--control-image", action="append", default=[], metavar="IMG", help="its control image")
+    c.add_argument("--control-type", action="append", default=[], choices=["canny", "blur", "depth"],
+                   help="the net's kind (official files record it); selects the encoding and the preprocessor")
+    c.add_argument("--control-strength", action="append", default=[], type=float, metavar="S", help="default 1")
+    c.add_argument("--control-start", action="append", default=[], type=float, help="fraction of the steps (0)")
+    c.add_argument("--control-end", action="append", default=[], type=float, help="fraction of the steps (1)")
+    c.add_argument("--control-preprocess", action="store_true", default=None,
+                   help="the control image is a photo: compute canny edges or a blur from it (OpenCV)")
     add_debug_flag(p)
     return p.parse_args(argv)
 
@@ -170,6 +182,42 @@ def read_stored(args):
     return params, run
 
 
+def control_specs(args) -> list[dict]:
+    """The ControlNets of the command line. With --reproduce, the stored strengths, step ranges, types and
+    preprocessing are reused; the files are not: like an init image, a file named by metadata is never read on
+    its own, so --controlnet and --control-image must be given again."""
+    from sampling.control import ControlSpec
+    from sampling.metadata import read_png_metadata
+
+    stored = read_png_metadata(args.reproduce).get("controlnets", []) if args.reproduce else []
+    if not isinstance(stored, list) or not all(isinstance(d, dict) for d in stored):
+        raise ValueError(f"{args.reproduce}: its 'controlnets' metadata is not a list of objects")
+    n = len(args.controlnet)
+    if stored and n == 0:
+        named = ", ".join(f"{d.get('file')} with {d.get('image')}" for d in stored)
+        raise ValueError(f"{args.reproduce} was made with ControlNet(s) {named}: files named by an image's metadata "
+                         f"are never read on their own; pass --controlnet FILE --control-image IMG for each (the "
+                         f"stored strengths and step ranges are reused)")
+    if len(args.control_image) != n:
+        raise ValueError(f"give one --control-image per --controlnet ({n} nets, {len(args.control_image)} images)")
+    if stored and len(stored) != n:
+        raise ValueError(f"{args.reproduce} was made with {len(stored)} ControlNet(s); {n} given")
+
+    def per_net(values, name, field):
+        if len(values) not in (0, 1, n):
+            raise ValueError(f"--{name} is given {len(values)} times: give it once, or once per net ({n})")
+        default = ControlSpec.__dataclass_fields__[field].default
+        return [values[k] if len(values) == n else values[0] if values else
+                stored[k].get(field, default) if stored else default for k in range(n)]
+
+    preprocess = [args.control_preprocess] if args.control_preprocess is not None else []
+    columns = zip(args.controlnet, args.control_image, per_net(args.control_strength, "control-strength", "strength"),
+                  per_net(args.control_start, "control-start", "start"), per_net(args.control_end, "control-end", "end"),
+                  per_net(args.control_type, "control-type", "type"),
+                  per_net(preprocess, "control-preprocess", "preprocess"))
+    return [ControlSpec.parse(col).to_dict() for col in columns]
+
+
 def run_settings(args, stored):
     """t5 mode, dtype, device: the command line's, else the stored ones (--reproduce), else the defaults."""
     from sampling.metadata import RunSettings
@@ -211,13 +259,15 @@ def build_params(args, prompt: str | None, stored):
 
 
 def image_metadata(params, k: int, pipe, t5: str, embedded: bool) -> dict:
-    """What goes into image k's PNG: its GenerationParams and RunSettings (each declared in one field table)."""
+    """What goes into image k's PNG: its GenerationParams and RunSettings (each declared in one field table),
+    and its ControlNets if any."""
     from sampling.metadata import RunSettings, to_json_dict
 
     run = RunSettings(t5=t5, dtype=DTYPES_BY_TORCH[pipe.dtype], device=pipe.device.type,
                       model=pipe.files.model.name, embedded_random_weights=embedded,
                       loras=[x.record() for x in pipe.loras])
-    return {**params.to_dict(), "seed": params.seed + k, **to_json_dict(run)}
+    controls = {"controlnets": [spec.to_dict() for spec in pipe.controls]} if pipe.controls else {}
+    return {**params.to_dict(), "seed": params.seed + k, **to_json_dict(run), **controls}
 
 
 def lora_specs(args, stored_run) -> list:
@@ -258,6 +308,7 @@ def run(argv=None) -> int:
     loras = lora_specs(args, stored_run)
     parse_device(device)
     jobs = [build_params(args, prompt, stored) for prompt in read_prompts(args)]
+    controls = control_specs(args)
     out_dir, out_file = prepare_output(args.out)
     # The whole job, image by image in a fixed order, and every image's file name, decided before sampling.
     images = [(params, k) for params in jobs for k in range(args.num_images)]
@@ -284,7 +335,7 @@ def run(argv=None) -> int:
         check_job(params, config, args.num_images, args.batch_size)
     tune_for_memory_mode(args.memory)  # this process is ours: reuse freed activations unless frugal
     pipe = Pipeline(files, device=device, dtype=dtype, memory=args.memory, compile=args.compile,
-                    check_weights=args.check_weights, loras=loras)
+                    check_weights=args.check_weights, loras=loras, controlnets=controls)
     who = f"process {me.rank + 1}/{me.world}: " if me.world > 1 else ""
     print(f"{who}model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}); "
           f"device {pipe.device}, {DTYPES_BY_TORCH[pipe.dtype]}, memory {args.memory}, T5 {t5}", file=sys.stderr)

@@ -4,6 +4,7 @@ FLOPs per forward pass and per sampling step, memory of the weights in fp32/fp16
     python scripts/inspect.py sd3.5_medium [--resolution 1024] [--batch 2] [--tokens 154]
     python scripts/inspect.py path/to/sd3.5_medium.safetensors --resolution 1216x832
     python -m scripts.inspect sd3.5_large
+    python scripts/inspect.py sd3.5_medium --controlnet net.safetensors    # and the ControlNet's FLOPs
 
 A named config (configs/*.json) or a .json path is read as is; a checkpoint file is read from its header only.
 --batch is the batch of one forward pass: 2 = one image with CFG (cond + uncond batched).
@@ -21,8 +22,9 @@ sys.path.insert(0, os.path.dirname(_HERE))  # the repository root, for `mmditx`
 import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from mmditx import load_config, read_config  # noqa: E402
-from mmditx.anatomy import report  # noqa: E402
+from mmditx import load_config, read_config, read_controlnet_config  # noqa: E402
+from mmditx.anatomy import controlnet_report, report  # noqa: E402
+from mmditx.controlnet import check_compatible  # noqa: E402
 from scripts.errors import add_debug_flag, bounded, run_cli  # noqa: E402
 
 
@@ -58,6 +60,8 @@ def main(argv=None) -> int:
                         help="context tokens (77 CLIP + 77 T5 = 154)")
     parser.add_argument("--steps", type=bounded(int, 1, 100000), default=50,
                         help="sampling steps for the whole-run total")
+    parser.add_argument("--controlnet", type=Path, metavar="FILE",
+                        help="also the FLOPs of this ControlNet (file or diffusers folder, header only)")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     try:
@@ -65,6 +69,10 @@ def main(argv=None) -> int:
         width, height = args.resolution
         print(report(config, height=height, width=width, batch=args.batch, tokens=args.tokens,
                      name=name, steps=args.steps))
+        if args.controlnet:
+            net = read_controlnet_config(args.controlnet)
+            check_compatible(net, config, str(args.controlnet))
+            print("\n" + controlnet_report(net, config, height, width, args.batch, args.tokens, args.controlnet.name))
     except ValueError as e:  # ConfigError, CheckpointError and bad sizes are ValueErrors with a clear message
         print(f"error: {e}", file=sys.stderr)
         return 2
