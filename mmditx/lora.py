@@ -42,6 +42,8 @@ from typing import Mapping
 
 import torch
 
+from .diffusers_names import transformer_rules
+
 FORMATS = ("diffusers", "kohya", "official")
 TEXT_ENCODERS = ("clip_l", "clip_g", "t5")
 
@@ -86,33 +88,28 @@ class LoraFile:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Name tables: diffusers (SD3Transformer2DModel) <-> official (MMDiTX). As in diffusers' own single-file
-# converter (convert_sd3_transformer_checkpoint_to_diffusers); `part` is the q/k/v index inside a fused qkv.
+# Name tables: diffusers (SD3Transformer2DModel) <-> official (MMDiTX), read off the one rename table of
+# mmditx/diffusers_names.py: its rules for weights ('.{w}' templates), as module names; `part` is the q/k/v
+# index inside a fused qkv. x_embedder.proj is the patch convolution, which LoRAs here do not target.
 
-# per joint block: diffusers suffix -> (official suffix, part of qkv or None)
-BLOCK_NAMES: dict[str, tuple[str, int | None]] = {
-    "attn.to_q": ("x_block.attn.qkv", 0), "attn.to_k": ("x_block.attn.qkv", 1), "attn.to_v": ("x_block.attn.qkv", 2),
-    "attn.to_out.0": ("x_block.attn.proj", None),
-    "attn.add_q_proj": ("context_block.attn.qkv", 0), "attn.add_k_proj": ("context_block.attn.qkv", 1),
-    "attn.add_v_proj": ("context_block.attn.qkv", 2),
-    "attn.to_add_out": ("context_block.attn.proj", None),
-    "attn2.to_q": ("x_block.attn2.qkv", 0), "attn2.to_k": ("x_block.attn2.qkv", 1),
-    "attn2.to_v": ("x_block.attn2.qkv", 2),
-    "attn2.to_out.0": ("x_block.attn2.proj", None),
-    "norm1.linear": ("x_block.adaLN_modulation.1", None),
-    "norm1_context.linear": ("context_block.adaLN_modulation.1", None),
-    "ff.net.0.proj": ("x_block.mlp.fc1", None), "ff.net.2": ("x_block.mlp.fc2", None),
-    "ff_context.net.0.proj": ("context_block.mlp.fc1", None), "ff_context.net.2": ("context_block.mlp.fc2", None),
-}
-GLOBAL_NAMES: dict[str, str] = {
-    "context_embedder": "context_embedder",
-    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
-    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
-    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
-    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
-    "proj_out": "final_layer.linear",
-    "norm_out.linear": "final_layer.adaLN_modulation.1",
-}
+
+def _name_tables() -> tuple[dict[str, tuple[str, int | None]], dict[str, str]]:
+    block, glob = {}, {}
+    for rule in transformer_rules(depth=1):
+        if not rule.ours.endswith(".{w}") or rule.ours == "x_embedder.proj.{w}":
+            continue
+        ours, theirs = rule.ours[:-len(".{w}")], [t[:-len(".{w}")] for t in rule.theirs]
+        if ours.startswith("joint_blocks.{b}."):
+            for part, name in enumerate(theirs):
+                block[name.removeprefix("transformer_blocks.{b}.")] = (
+                    ours.removeprefix("joint_blocks.{b}."), part if len(theirs) == 3 else None)
+        elif not ours.startswith("joint_blocks."):   # the pre-only block's rule names its index: see swaps_scale_shift
+            glob[theirs[0]] = ours
+    return block, glob
+
+
+# per joint block: diffusers suffix -> (official suffix, part of qkv or None); global: diffusers name -> official
+BLOCK_NAMES, GLOBAL_NAMES = _name_tables()
 OFFICIAL_TO_DIFFUSERS_GLOBAL = {v: k for k, v in GLOBAL_NAMES.items()}
 OFFICIAL_TO_DIFFUSERS_BLOCK: dict[str, list[str]] = {}
 for _d, (_o, _part) in BLOCK_NAMES.items():
