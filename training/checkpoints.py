@@ -18,7 +18,7 @@ import torch
 
 from mmditx.checkpoint import open_safetensors, write_safetensors_streaming
 
-from .lora import lora_modules
+from .lora import lora_factors, lora_modules
 
 TRANSFORMER_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -61,13 +61,10 @@ def save_full_checkpoint(model, base_file: str | Path, folder: str | Path, file_
 
 def save_lora_file(model, path: str | Path, format: str = "diffusers", metadata: dict | None = None) -> Path:
     """The adapters of `model` as a LoRA file, through the project's one LoRA key mapping (mmditx.lora)."""
-    from mmditx.lora import LoraFactor, save_lora
+    from mmditx.lora import save_lora
 
-    factors = {name: LoraFactor(down=m.lora_down.detach().float().cpu(), up=m.up_matrix().detach().float().cpu(),
-                                alpha=m.alpha * m.groups)
-               for name, m in lora_modules(model).items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_lora(path, factors, format=format, metadata=metadata)
+    save_lora(path, lora_factors(model), format=format, metadata=metadata)
     return Path(path)
 
 

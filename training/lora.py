@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmditx.lora import LoraFactor
+
 # Presets of target patterns (fnmatch over module paths).
 TARGETS = {
     "attn": ("*.attn.qkv", "*.attn.proj"),
@@ -134,12 +136,9 @@ def remove_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
-
-
-def lora_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{module path: (down (R, in), up (out, R), alpha)} with R = groups * rank: the same product
-    alpha/R * up @ down as the adapter (alpha scaled by the groups)."""
-    return {name: (m.lora_down.detach().float().cpu(), m.up_matrix().detach().float().cpu(), m.alpha * m.groups)
+def lora_factors(model: nn.Module) -> dict[str, LoraFactor]:
+    """{module path: LoraFactor(down (R, in), up (out, R), alpha)} with R = groups * rank: the same product
+    alpha/R * up @ down as the adapter (alpha scaled by the groups), in the form mmditx.lora writes."""
+    return {name: LoraFactor(down=m.lora_down.detach().float().cpu(), up=m.up_matrix().detach().float().cpu(),
+                             alpha=m.alpha * m.groups)
             for name, m in lora_modules(model).items()}
