@@ -676,6 +676,13 @@ def to_ours(source, rules: list[Rename], what: str) -> RenamedCheckpoint:
     return RenamedCheckpoint(source, parts, shapes, what)
 
 
+def count_indexed(names, pattern: str, prefix: str = "") -> int:
+    """1 + the largest N that `pattern` (one group, the index) captures at the start of a name under `prefix`,
+    or 0: how many blocks or levels another layout's names say a model has."""
+    found = {int(m.group(1)) for n in names if n.startswith(prefix) and (m := re.match(pattern, n[len(prefix):]))}
+    return max(found) + 1 if found else 0
+
+
 def to_theirs(source, rules: list[Rename], what: str, prefix: str = "") -> RenamedCheckpoint:
     """The inverse of `to_ours`: our tensors (keys `prefix + name` in `source`) under the rules' `theirs` names
     (for writing a diffusers folder). A name no rule knows is an error: writing must be complete."""

@@ -13,9 +13,7 @@ Checked against diffusers' own `convert_sd3_transformer_checkpoint_to_diffusers`
 
 from __future__ import annotations
 
-import re
-
-from .checkpoint import CheckpointError, Rename, RenamedCheckpoint, to_ours, to_theirs
+from .checkpoint import CheckpointError, Rename, RenamedCheckpoint, count_indexed, to_ours, to_theirs
 
 # A key every SD3 diffusers transformer has; Flux's diffusers transformer has single_transformer_blocks instead.
 PROBE = "transformer_blocks.0.attn.to_q.weight"
@@ -91,18 +89,13 @@ def controlnet_rules(joint: bool) -> list[Rename]:
     return [*embedder_rules(), *blocks]
 
 
-def _depth(names, pattern: str) -> int:
-    blocks = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
-    return max(blocks) + 1 if blocks else 0
-
-
 def is_diffusers_transformer(f) -> bool:
     return PROBE in f and "pos_embed.pos_embed" in f
 
 
 def from_diffusers(f) -> RenamedCheckpoint:
     """A diffusers SD3Transformer2DModel checkpoint (file, shards) under the official names (no prefix)."""
-    depth = _depth(f.keys(), r"transformer_blocks\.(\d+)\.")
+    depth = count_indexed(f.keys(), r"transformer_blocks\.(\d+)\.")
     if depth == 0:
         raise CheckpointError(f"{f.path}: no 'transformer_blocks.N.*' keys: not a diffusers SD3 transformer.")
     return to_ours(f, transformer_rules(depth), "diffusers SD3 transformer")
@@ -110,5 +103,5 @@ def from_diffusers(f) -> RenamedCheckpoint:
 
 def to_diffusers(f, prefix: str = "model.diffusion_model.") -> RenamedCheckpoint:
     """Our transformer's tensors (keys `prefix + name` in `f`) under diffusers' names."""
-    depth = _depth((k[len(prefix):] for k in f.keys() if k.startswith(prefix)), r"joint_blocks\.(\d+)\.")
+    depth = count_indexed(f.keys(), r"joint_blocks\.(\d+)\.", prefix)
     return to_theirs(f, transformer_rules(depth), "diffusers SD3 transformer", prefix=prefix)

@@ -11,9 +11,7 @@ Checked against diffusers' own `convert_ldm_vae_checkpoint` by tests/test_model_
 
 from __future__ import annotations
 
-import re
-
-from mmditx.checkpoint import CheckpointError, Rename, RenamedCheckpoint, to_ours, to_theirs
+from mmditx.checkpoint import CheckpointError, Rename, RenamedCheckpoint, count_indexed, to_ours, to_theirs
 
 PROBE = "decoder.up_blocks.0.resnets.0.conv1.weight"
 
@@ -49,18 +47,13 @@ def vae_rules(levels: int) -> list[Rename]:
     return rules
 
 
-def _levels(names, pattern: str) -> int:
-    found = {int(m.group(1)) for n in names if (m := re.match(pattern, n))}
-    return max(found) + 1 if found else 0
-
-
 def is_diffusers_vae(f) -> bool:
     return PROBE in f
 
 
 def from_diffusers(f) -> RenamedCheckpoint:
     """A diffusers AutoencoderKL checkpoint under the official names (encoder.*, decoder.*, no prefix)."""
-    levels = _levels(f.keys(), r"decoder\.up_blocks\.(\d+)\.")
+    levels = count_indexed(f.keys(), r"decoder\.up_blocks\.(\d+)\.")
     if levels == 0:
         raise CheckpointError(f"{f.path}: no 'decoder.up_blocks.N.*' keys: not a diffusers VAE.")
     return to_ours(f, vae_rules(levels), "diffusers VAE")
@@ -68,5 +61,5 @@ def from_diffusers(f) -> RenamedCheckpoint:
 
 def to_diffusers(f, prefix: str = "first_stage_model.") -> RenamedCheckpoint:
     """Our VAE's tensors (keys `prefix + name` in `f`) under diffusers' names."""
-    levels = _levels((k[len(prefix):] for k in f.keys() if k.startswith(prefix)), r"decoder\.up\.(\d+)\.")
+    levels = count_indexed(f.keys(), r"decoder\.up\.(\d+)\.", prefix)
     return to_theirs(f, vae_rules(levels), "diffusers VAE", prefix=prefix)
