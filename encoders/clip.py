@@ -192,14 +192,17 @@ def read_clip_config(f, prefix: str, base: CLIPConfig) -> CLIPConfig:
 def load_clip(path: str | os.PathLike, base: CLIPConfig, what: str, device: torch.device | str = "cpu",
               dtype: torch.dtype | str | None = torch.float32, check_finite: bool = False) -> CLIPTextModel:
     """Load a CLIP text encoder whose activation and pooling are those of `base` (CLIP_L or CLIP_G) and whose
-    width must be base.width; the layer count comes from the file."""
+    width is base.width (or a scaled-down multiple of 64 below 768); the layer count comes from the file."""
     dtype = parse_dtype(dtype)
     f = open_checkpoint(path, DIFFUSERS_FOLDERS.get(what), DIFFUSERS_CLASSES)
     prefix = find_clip_prefix(f, what)
     width = f.shape(prefix + "text_model.embeddings.token_embedding.weight")[-1]
-    if width != base.width:
-        guess = {768: "CLIP-L (use encoders.load_clip_l)", 1280: "CLIP-G (use encoders.load_clip_g)",
-                 1024: "OpenCLIP ViT-H (SD 2.x), not used by SD3"}.get(width, "not an SD3 text encoder")
+    # A width that belongs to another CLIP is a wrong file; another multiple of 64 under CLIP-L's 768 is a
+    # scaled-down model of this layout (the demo model's encoders, test models).
+    known = {768: "CLIP-L (use encoders.load_clip_l)", 1280: "CLIP-G (use encoders.load_clip_g)",
+             1024: "OpenCLIP ViT-H (SD 2.x), not used by SD3"}
+    if width != base.width and (width in known or width % HEAD_DIM or width > CLIP_L.width):
+        guess = known.get(width, "not an SD3 text encoder")
         raise CheckpointError(f"{f.path}: this CLIP text encoder has width {width}, but {what} has width "
                               f"{base.width}: the file looks like {guess}.")
     config = read_clip_config(f, prefix, base)

@@ -1,0 +1,206 @@
+"""Rebuild the demo model from its seed: scenes -> VAE -> latents -> text encoders -> MMDiT-X -> model set.
+
+Every stage writes its result into the work folder and is skipped when that result is already there, so an
+interrupted run continues where it stopped (`scripts/train_demo.py`). Each stage's wall time goes into
+demo.json; their sum is the rebuild time.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .evaluate import Trial, accuracies, format_table, read_image, score
+from .model_set import AUTOENCODER, SIZE, TRANSFORMER, write_model_file, write_text_encoders
+from .shapes import held_out_reasons, render, training_sample
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class DemoOptions:
+    images: int = 16000
+    seed: int = 0
+    vae_steps: int = 1200
+    vae_crop: int = 64              # the VAE trains on random crops: 4x cheaper, and it is convolutional
+    steps: int = 2600
+    batch_size: int = 32
+    lr: float = 4e-4
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1    # share of captions replaced by "" (the negative prompt CFG uses)
+    checks: int = 300               # held-out images the VAE gate reads back
+
+
+# -- stage 1: scenes ---------------------------------------------------------------------------------------
+def render_scenes(count: int, seed: int, log: Log) -> tuple[torch.Tensor, list[str]]:
+    """(count, 3, SIZE, SIZE) uint8 images and their captions: the dataset of shapes.write_dataset, in memory."""
+    images = torch.empty(count, 3, SIZE, SIZE, dtype=torch.uint8)
+    captions = []
+    for i in range(count):
+        scene, _, caption = training_sample(i, seed)
+        images[i] = torch.from_numpy(np.array(render(scene, SIZE))).permute(2, 0, 1)
+        captions.append(caption)
+        if (i + 1) % 4000 == 0:
+            log(f"scenes: {i + 1}/{count}")
+    return images, captions
+
+
+# -- stage 2: the VAE --------------------------------------------------------------------------------------
+def random_crops(images: torch.Tensor, side: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n, _, h, w = images.shape
+    tops = torch.randint(0, (h - side) // 8 + 1, (n,), generator=g) * 8
+    lefts = torch.randint(0, (w - side) // 8 + 1, (n,), generator=g) * 8
+    return torch.stack([images[i, :, t:t + side, l:l + side] for i, (t, l) in enumerate(zip(tops, lefts))])
+
+
+def train_autoencoder(images: torch.Tensor, opts: DemoOptions, log: Log):
+    from vae import VAE
+    from training.vae import VAETrainConfig, match_latent_scale, train_vae
+
+    torch.manual_seed(opts.seed)
+    vae = VAE(AUTOENCODER)
+    crops = random_crops(images, opts.vae_crop, opts.seed)
+    train_vae(vae, crops, VAETrainConfig(steps=opts.vae_steps, seed=opts.seed), log=log, every=100)
+    a = match_latent_scale(vae, images[:2000])
+    log(f"vae: latent rescaled by {a:.4f} so that SD3's scale and shift give unit variance")
+    return vae
+
+
+@torch.no_grad()
+def vae_gate(vae, opts: DemoOptions, log: Log) -> dict:
+    """The reader on VAE reconstructions of `opts.checks` new scenes (any combination, held-out ones
+    included): what the latent carries. -> {split: {attribute: [right, asked]}}"""
+    trials = []
+    for i in range(opts.checks):
+        scene, _, _ = training_sample(opts.images + i, opts.seed)     # beyond the training scenes
+        x = torch.from_numpy(np.array(render(scene, SIZE))).permute(2, 0, 1)[None].float() / 127.5 - 1
+        y = vae.decode(vae.encode(x, sample=False))[0]
+        image = ((y + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        reading = read_image(image)
+        trials.append(Trial(scene, "held_out" if held_out_reasons(scene) else "seen", reading, score(reading, scene)))
+    table = accuracies(trials)
+    log(f"vae gate: the reader on reconstructions of {opts.checks} new scenes\n{format_table(table)}")
+    return table
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, log: Log, batch: int = 32) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(vae.encode(images[i:i + batch].float() / 127.5 - 1, sample=False).half())
+        if (i // batch) % 100 == 0:
+            log(f"latents: {i + len(out[-1])}/{len(images)}")
+    return torch.cat(out)
+
+
+# -- stage 4: the transformer ------------------------------------------------------------------------------
+class SceneDataset:
+    """What training.loop.Trainer reads (the interface of training.cache.CachedDataset): latents held in
+    memory, captions encoded on the fly by the frozen demo text encoders (tiny: cheaper than caching
+    154 x 4096 contexts), a share of captions replaced by "" for classifier-free guidance."""
+
+    def __init__(self, latents: torch.Tensor, captions: list[str], conditioner, caption_dropout: float, seed: int):
+        from training.objective import ConditioningLayout
+
+        self.latents, self.captions, self.conditioner = latents, captions, conditioner
+        self.buckets = {tuple(latents.shape[-2:]): list(range(len(captions)))}
+        self.flip = False   # a mirror would turn "left" into "right"
+        self.layout = ConditioningLayout(conditioner.clip_l.config.width, conditioner.clip_g.config.width)
+        self.dropout = caption_dropout
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def batch(self, indices: list[int], flips=None):
+        drop = torch.rand(len(indices), generator=self.generator) < self.dropout
+        prompts = ["" if d else self.captions[i] for i, d in zip(indices, drop.tolist())]
+        context, pooled = self.conditioner.encode(prompts)
+        return self.latents[indices].float(), context, pooled
+
+
+def train_transformer(latents, captions, model_dir: Path, opts: DemoOptions, work: Path, log: Log):
+    from encoders import TextConditioner
+    from mmditx import MMDiTX
+    from mmditx.init import init_weights
+    from training.loop import TrainConfig, Trainer
+    from training.objective import Objective
+
+    conditioner = TextConditioner.from_model_dir(model_dir, t5="off")
+    model = init_weights(MMDiTX(TRANSFORMER), seed=opts.seed)
+    model.requires_grad_(True)
+    log(f"transformer: {sum(p.numel() for p in model.parameters()):,} parameters, {opts.steps} steps of "
+        f"{opts.batch_size}")
+    dataset = SceneDataset(latents, captions, conditioner, opts.caption_dropout, opts.seed)
+    config = TrainConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, lr_schedule="cosine",
+                         warmup_steps=opts.warmup_steps, seed=opts.seed, save_every=250, full_checkpoints=False,
+                         # shift 1: the plain logit-normal (SD3's 3.0 is for 1024x1024); the table fits 16x16 exactly
+                         objective=Objective(shift=1.0, random_pos_crop=False))
+    trainer = Trainer(model, dataset, config, work / "transformer")
+    state = work / "transformer" / "state.pt"
+    if state.is_file():
+        trainer.resume(state)
+        log(f"transformer: resumed at step {trainer.step}")
+    trainer.train()
+    return model.eval().requires_grad_(False)
+
+
+# -- the whole rebuild -------------------------------------------------------------------------------------
+def build_demo(work: str | Path, out: str | Path, opts: DemoOptions = DemoOptions(), log: Log = print) -> Path:
+    """Run (or continue) every stage in `work`; write the model set into `out`. Returns `out`."""
+    from vae import VAE
+
+    work, out = Path(work), Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    times_path = work / "times.json"
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+
+    def stage(name: str, fn):
+        start = time.perf_counter()
+        result = fn()
+        times[name] = round(times.get(name, 0) + time.perf_counter() - start, 1)
+        times_path.write_text(json.dumps(times, indent=1))
+        log(f"== {name}: {times[name] / 60:.1f} min")
+        return result
+
+    images, captions = stage("scenes", lambda: render_scenes(opts.images, opts.seed, log))
+
+    vae_file = work / "vae.pt"
+    if vae_file.is_file():
+        vae = VAE(AUTOENCODER)
+        vae.load_state_dict(torch.load(vae_file))
+        vae.eval().requires_grad_(False)
+    else:
+        vae = stage("vae", lambda: train_autoencoder(images, opts, log))
+        torch.save(vae.state_dict(), vae_file)
+    gate_file = work / "vae_gate.json"
+    if not gate_file.is_file():
+        gate = stage("vae_gate", lambda: vae_gate(vae, opts, log))
+        gate_file.write_text(json.dumps(gate, indent=1))
+
+    latents_file = work / "latents.pt"
+    if latents_file.is_file():
+        latents = torch.load(latents_file)
+    else:
+        latents = stage("latents", lambda: encode_latents(vae, images, log))
+        torch.save(latents, latents_file)
+    del images
+    log(f"latents: mean {latents.float().mean():.3f}, std {latents.float().std():.3f} (model space)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "text_encoders" / "clip_g.safetensors").is_file():
+        stage("text_encoders", lambda: write_text_encoders(out, opts.seed))
+    model = stage("transformer", lambda: train_transformer(latents, captions, out, opts, work, log))
+    info = {"options": asdict(opts), "minutes": {k: round(v / 60, 1) for k, v in times.items()},
+            "total_minutes": round(sum(times.values()) / 60, 1),
+            "vae_gate": json.loads(gate_file.read_text())}
+    write_model_file(out, model, vae, info)
+    log(f"demo model written to {out} ({info['total_minutes']} min in all)")
+    return out

@@ -1,0 +1,94 @@
+"""Training the SD3 autoencoder (vae.VAE): reconstruction + a small KL term, then the latent scale fixed.
+
+The loss per image is   L1(x, x') + MSE(x, x') + kl_weight * KL(q(z|x) || N(0, 1))   with z drawn by the
+reparameterisation trick (the encoder's mean and log-variance, as `VAE.encode` samples). No adversarial or
+perceptual term: the demo's images are flat colours on plain backgrounds, where pixel losses suffice (the
+SD3 VAE itself was trained with LPIPS and a GAN loss on photographs).
+
+SD3's transformer reads latents as (z - 0.0609) * 1.5305 (vae.model.SCALE_FACTOR, SHIFT_FACTOR), constants of
+the official VAE. Rather than store other constants for a new VAE, `match_latent_scale` rescales what a
+trained encoder emits (and what the decoder reads) so that the official constants give unit variance: the
+model then loads and samples through the one official path.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from vae import VAE
+from vae.model import LOGVAR_RANGE
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    kl_weight: float = 1e-6
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def vae_loss(vae: VAE, images: torch.Tensor, generator: torch.Generator | None, kl_weight: float):
+    """images (B, 3, H, W) in [-1, 1] -> (loss, reconstruction (B, 3, H, W)), with gradients."""
+    mean, logvar = vae.encoder(images).chunk(2, dim=1)                    # (B, 16, H/8, W/8) each
+    logvar = logvar.clamp(*LOGVAR_RANGE)
+    noise = torch.randn(mean.shape, generator=generator).to(mean)
+    z = mean + torch.exp(0.5 * logvar) * noise
+    recon = vae.decoder(z)                                                # (B, 3, H, W)
+    kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
+    loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
+    return loss, recon
+
+
+def train_vae(vae: VAE, images: torch.Tensor, config: VAETrainConfig = VAETrainConfig(),
+              log: Callable[[str], None] | None = None, every: int = 50) -> list[dict]:
+    """Train `vae` in place on `images` (N, 3, H, W) uint8; batches drawn at random (seeded). Returns the log."""
+    g = torch.Generator().manual_seed(config.seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    lr_at = lambda s: min(1.0, (s + 1) / config.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / config.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    vae.train().requires_grad_(True)
+    history, start = [], time.perf_counter()
+    for step in range(config.steps):
+        idx = torch.randint(0, len(images), (config.batch_size,), generator=g)
+        x = images[idx].float() / 127.5 - 1
+        loss, _ = vae_loss(vae, x, g, config.kl_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "loss": loss.item(), "time": round(time.perf_counter() - start, 2)})
+        if log and ((step + 1) % every == 0 or step + 1 == config.steps):
+            recent = history[-every:]
+            log(f"vae step {step + 1}/{config.steps}  loss {sum(r['loss'] for r in recent) / len(recent):.4f}  "
+                f"{history[-1]['time'] / (step + 1):.2f} s/step")
+    vae.eval().requires_grad_(False)
+    return history
+
+
+@torch.no_grad()
+def match_latent_scale(vae: VAE, images: torch.Tensor, batch_size: int = 64) -> float:
+    """Rescale the encoder's mean output by `a` (and the decoder's input by 1/a) so that the model-space
+    latents (a * mean - shift) * scale of `images` (N, 3, H, W) uint8 have unit standard deviation.
+
+    Exact for the decoder (its first convolution sees the same values: zero padding stays zero, as no shift
+    is folded); the log-variance moves by 2 log a, so sampled latents scale alike. Returns a."""
+    c = vae.config
+    means = torch.cat([vae.encoder(images[i:i + batch_size].float() / 127.5 - 1)[:, :c.z_channels]
+                       for i in range(0, len(images), batch_size)])
+    a = 1.0 / (c.scale_factor * means.std().item())
+    out = vae.encoder.conv_out
+    out.weight[:c.z_channels] *= a
+    out.bias[:c.z_channels] *= a
+    out.bias[c.z_channels:] += 2 * math.log(a)
+    vae.decoder.conv_in.weight /= a
+    return a
