@@ -1,9 +1,14 @@
-"""The embedded default: a small random-weight model set in the official layout, built once and cached.
+"""The two model sets that come with the project, for a machine without the official files.
 
-It lets `scripts/generate.py` run the whole real path (tokenizers, text encoders, transformer, sampler, VAE,
-PNG) in seconds on a fresh machine with no downloads. Its images are noise: the weights are random.
+The demo model (`demo_model_dir`, the default of scripts/generate.py and scripts/attention_maps.py): a tiny SD3
+of the real architecture trained by this project on coloured shapes (scripts/train_demo.py, docs/demo_model.md),
+shipped in sampling/demo_model/ in the official release layout. It draws what its prompts ask, at 128x128.
 
-Layout (as the official release):
+The random-weight set (`embedded_model_dir`, `--random-weights`): the full official layout (T5 included) at
+small size, built once and cached, so tests and tools run every stage of the real path (tokenizers, text
+encoders, transformer, sampler, VAE, PNG) in seconds. Its images are noise: the weights are random.
+
+Layout of the random-weight set (as the official release):
     sd3.5_medium.safetensors              model.diffusion_model.* (MMDiT-X: 10 blocks, 3 with dual attention)
                                           + first_stage_model.* (a narrow VAE)
     text_encoders/clip_l.safetensors      CLIP-L layout, width 768, 2 layers
@@ -162,6 +167,41 @@ def build(root: Path) -> None:
     ae = build_on_meta(lambda: VAE(VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1)))
     shapes.update({"first_stage_model." + k: v for k, v in expected_shapes(ae).items()})
     write_random(shapes, root / "sd3.5_medium.safetensors", dtype=torch.float16, seed=4)
+
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+
+
+def demo_model_dir() -> Path:
+    """The shipped demo model set (sampling/demo_model/, with its demo.json)."""
+    if not (DEMO_DIR / "demo.json").is_file():
+        raise FileNotFoundError(f"the demo model is missing from {DEMO_DIR}: rebuild it with `python "
+                                "scripts/train_demo.py --out sampling/demo_model`, or pass --model-dir (the official "
+                                "files) or --random-weights")
+    return DEMO_DIR
+
+
+def demo_info(root: Path = DEMO_DIR) -> dict:
+    """demo.json: version, native `size`, `vocabulary` (what it can draw), `examples` (prompts), training."""
+    return json.loads((root / "demo.json").read_text(encoding="utf-8"))
+
+
+def model_dir_or_demo(model_dir: str | os.PathLike | None, random_weights: bool = False) -> tuple[Path, str]:
+    """(folder, kind): `model_dir` ("given"); else the random-weight set ("random") when asked, after a warning;
+    else the demo model ("demo"), after a notice of what it can draw. Notices go to stderr."""
+    if model_dir is not None:
+        return Path(model_dir), "given"
+    if random_weights:
+        return model_dir_or_embedded(None, "Its images are noise; pass --model-dir with the official files for "
+                                           "real images.")[0], "random"
+    root = demo_model_dir()
+    info = demo_info(root)
+    print(f"!! no --model-dir: using the DEMO MODEL (v{info['version']}, {root}): a tiny SD3 trained by this project "
+          f"on coloured shapes, {info['size']}x{info['size']} pixels. It draws only its vocabulary:\n"
+          + "".join(f"     {line}\n" for line in info["vocabulary"].splitlines())
+          + f"   e.g. \"{info['examples'][0]}\". For real images pass --model-dir with the official SD3.5 Medium "
+            "files.", file=sys.stderr)
+    return root, "demo"
 
 
 def model_dir_or_embedded(model_dir: str | os.PathLike | None, consequence: str) -> tuple[Path, bool]:

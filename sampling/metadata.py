@@ -182,6 +182,7 @@ class RunSettings:
     device: str = checked("cpu", choices=("cpu", "cuda", "mps", "xpu"))   # device kind (kernels differ)
     model: str = ""                           # the model file's name (for the record)
     embedded_random_weights: bool = False
+    demo_model: bool = False                  # the shipped demo model (sampling/demo_model/)
     loras: list[LoraRecord] = checked(default_factory=list)   # in the order applied
 
     @classmethod

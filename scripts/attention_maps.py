@@ -1,6 +1,6 @@
 """Where does the image attend to each prompt word? Generate an image and write one heatmap per word.
 
-    python scripts/attention_maps.py --prompt "a photo of a cat" --steps 8          # embedded random weights
+    python scripts/attention_maps.py --prompt "a red circle to the left of a blue square"      # the demo model
     python scripts/attention_maps.py --model-dir ~/models/sd3.5_medium --prompt "a red cube on a blue sphere" \\
         --seed 1 --blocks 0-12 --steps-used 0-19 --out outputs/attention
 
@@ -8,8 +8,9 @@ For every word of the prompt: the joint-attention probability that image patches
 (CLIP-L/G and T5 positions), averaged over attention heads, the chosen joint blocks and sampling steps (the
 conditional prompt only), upsampled, colored and blended over the generated image. Writes one PNG per word
 (SEED_NN_word.png) and a contact sheet of the image and all panels (SEED_sheet.png) into --out; existing files
-are never overwritten. Without --model-dir the embedded random-weight model set is used: the pipeline and the
-bookkeeping are the real ones, but the maps mean nothing (the weights are random).
+are never overwritten. Without --model-dir the demo model is used (sampling/demo_model/: it knows colours,
+shapes, sizes, positions and backgrounds, so those words' maps mean something); --random-weights runs the
+random-weight set in the full official layout, whose maps mean nothing.
 """
 
 from __future__ import annotations
@@ -30,19 +31,22 @@ from sampling.pipeline import MEMORY_MODES  # noqa: E402
 from sampling.samplers import SAMPLERS  # noqa: E402
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 
-EMBEDDED_SIZE = 256     # default image side with the embedded model set (its positional table allows 512)
+RANDOM_SIZE = 256     # default image side with the random-weight set (its positional table allows 512)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Per-word attention heatmaps from SD3.5 Medium's joint attention (mmditx).")
     p.add_argument("--prompt", default="a photo of a cat", help="the prompt (one panel per word)")
     p.add_argument("--negative", "--negative-prompt", dest="negative", default=None, help="negative prompt")
-    p.add_argument("--model-dir", type=Path, help="directory laid out like the official release; "
-                   "default: the embedded random-weight model set (maps without meaning)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model-dir", type=Path, help="directory laid out like the official release; "
+                       "default: the demo model (coloured shapes)")
+    model.add_argument("--random-weights", action="store_true",
+                       help="the random-weight set in the full official layout (maps without meaning)")
     p.add_argument("--preset", default="sd3.5_medium", choices=["sd3.5_medium", "sd3.5_medium_model_card"],
                    help="sampling defaults, as for generate.py")
-    p.add_argument("--width", type=int, help=f"default 1024 ({EMBEDDED_SIZE} with the embedded model set)")
-    p.add_argument("--height", type=int, help=f"default 1024 ({EMBEDDED_SIZE} with the embedded model set)")
+    p.add_argument("--width", type=int, help=f"default 1024 (the demo's 128; {RANDOM_SIZE} with --random-weights)")
+    p.add_argument("--height", type=int, help=f"default 1024 (the demo's 128; {RANDOM_SIZE} with --random-weights)")
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg", type=float)
     p.add_argument("--shift", type=float)
@@ -58,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default), fp16")
     p.add_argument("--memory", choices=MEMORY_MODES, default="resident",
                    help="as for generate.py (frugal: weights streamed to the compute dtype block by block)")
-    p.add_argument("--t5", choices=["fp16", "fp8", "off"], default="fp16")
+    p.add_argument("--t5", choices=["fp16", "fp8", "off"], help="default fp16 (off with the demo model, which has none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_debug_flag(p)
     return p.parse_args(argv)
@@ -89,7 +93,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mmditx.runtime import tune_for_memory_mode
     from sampling.attention_maps import attention_maps, contact_sheet, overlay, slug, split_words
-    from sampling.embedded import model_dir_or_embedded
+    from sampling.embedded import demo_info, model_dir_or_demo
     from sampling.io import prepare_output, progress_callback, save_png
     from sampling.pipeline import GenerationParams, Pipeline
 
@@ -97,11 +101,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --out {args.out} is a file; give a directory (it is created if missing)")
     args.out = prepare_output(args.out, file_allowed=False)[0]   # writable, checked before anything loads
 
-    model_dir, embedded = model_dir_or_embedded(
-        args.model_dir, "The maps show the machinery, not meaning; pass --model-dir with the official files for "
-                        "real ones.")
-
-    size = EMBEDDED_SIZE if embedded else 1024
+    model_dir, kind = model_dir_or_demo(args.model_dir, args.random_weights)
+    size = {"random": RANDOM_SIZE, "demo": demo_info(model_dir)["size"] if kind == "demo" else 0}.get(kind, 1024)
+    t5 = args.t5 or ("off" if kind == "demo" else "fp16")
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"error: --steps must be at least 1, got {args.steps}")
     try:
@@ -116,12 +118,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: the prompt {args.prompt!r} has no words to map (only spaces and punctuation)")
     tune_for_memory_mode(args.memory)  # this process is ours: reuse freed activations unless frugal
     try:
-        pipe = Pipeline.from_model_dir(model_dir, t5=args.t5, device=args.device, dtype=args.dtype, memory=args.memory)
+        pipe = Pipeline.from_model_dir(model_dir, t5=t5, device=args.device, dtype=args.dtype, memory=args.memory)
         blocks = parse_indices(args.blocks, pipe.config.depth, "--blocks")
         steps = parse_indices(args.steps_used, params.steps, "--steps-used")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    print(f"model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}), "
+    what = {"random": "embedded random weights", "demo": f"demo model, {model_dir}"}.get(kind, model_dir)
+    print(f"model {pipe.files.model.name} ({what}), "
           f"{pipe.config.depth} joint blocks; sampler {params.sampler}, {params.steps} steps, cfg {params.cfg}, "
           f"SLG {'on' if params.slg else 'off'}, {params.width}x{params.height}, seed {params.seed}", file=sys.stderr)
     print(f"averaging blocks {args.blocks} and steps {args.steps_used}", file=sys.stderr)
@@ -131,7 +134,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
-    meta = {**params.to_dict(), "model": pipe.files.model.name, "embedded_random_weights": embedded,
+    meta = {**params.to_dict(), "model": pipe.files.model.name, "embedded_random_weights": kind == "random",
+            "demo_model": kind == "demo",
             "blocks": result.blocks, "steps_used": result.steps}
     panels, written = [], []
     for k, (word, heat) in enumerate(zip(result.words, result.maps)):
@@ -148,11 +152,11 @@ def main(argv=None) -> int:
         print(f"{word.text!r}: context positions CLIP {word.clip} T5 {word.t5}, {100 * share:.2f}% of the image's "
               f"attention -> {written[-1]}", file=sys.stderr)
     title = f"{args.prompt}  |  blocks {args.blocks}, steps {args.steps_used}"
-    title += "  |  RANDOM WEIGHTS" if embedded else ""
+    title += {"random": "  |  RANDOM WEIGHTS", "demo": "  |  demo model"}.get(kind, "")
     sheet = contact_sheet(result.image, panels, title)
     written.append(save_png(sheet, args.out / f"{params.seed:06d}_sheet.png", meta))
     print(f"contact sheet -> {written[-1]}", file=sys.stderr)
-    if embedded:
+    if kind == "random":
         print("!! random weights: these maps are not semantically meaningful", file=sys.stderr)
     for path in written:
         print(path)

@@ -1,14 +1,15 @@
 """Generate images with SD3.5 Medium.
 
-    python scripts/generate.py --prompt "a photo of a cat"                      # embedded random-weight model set
+    python scripts/generate.py --prompt "a red circle on the left on a white background"    # the demo model
     python scripts/generate.py --model-dir ~/models/sd3.5_medium --prompt "a photo of a cat" --seed 1
     python scripts/generate.py --model-dir DIR --prompt-file prompts.txt --num-images 4 --memory sequential --t5 fp8
     python scripts/generate.py --model-dir ~/models/stable-diffusion-3.5-medium --prompt "..."   # diffusers folder
     python scripts/generate.py --model sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors --tokenizers DIR --prompt "..."
 
-Without --model-dir a small random-weight model set in the official layout is built once (cached) and used:
-its images are noise, but every stage of the real path runs. Outputs never overwrite existing files; each PNG
-carries its parameters as metadata (`--reproduce IMAGE.png` runs them again).
+Without --model-dir the demo model runs: a tiny SD3 trained by this project on coloured shapes (128x128, no T5;
+sampling/demo_model/, docs/demo_model.md). --random-weights runs a small random-weight set in the full official
+layout instead (built once, cached): its images are noise, but every stage of the real path runs. Outputs never
+overwrite existing files; each PNG carries its parameters as metadata (`--reproduce IMAGE.png` runs them again).
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Text-to-image with SD3.5 Medium (mmditx).")
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model-dir", type=Path, help="directory laid out like the official release, or a "
-                       "diffusers-format folder (model_index.json); default: the embedded random-weight model set "
-                       "(for trying the pipeline)")
+                       "diffusers-format folder (model_index.json); default: the demo model (coloured shapes, "
+                       "128x128)")
     model.add_argument("--model", type=Path, metavar="FILE", help="one file holding the transformer, VAE and text "
                        "encoders (text_encoders.clip_l/clip_g/t5xxl.*, e.g. ComfyUI's all-in-one checkpoints); "
                        "tokenizers from --tokenizers")
+    model.add_argument("--random-weights", action="store_true", help="the embedded random-weight model set in the "
+                       "full official layout (T5 included): noise, for trying every stage of the pipeline")
     p.add_argument("--tokenizers", type=Path, metavar="DIR", help="with --model: the folder holding tokenizer/, "
                    "tokenizer_2/, tokenizer_3/ (default: the file's folder)")
     src = p.add_mutually_exclusive_group()
@@ -218,11 +221,12 @@ def control_specs(args) -> list[dict]:
     return [ControlSpec.parse(col).to_dict() for col in columns]
 
 
-def run_settings(args, stored):
-    """t5 mode, dtype, device: the command line's, else the stored ones (--reproduce), else the defaults."""
+def run_settings(args, stored, demo: bool):
+    """t5 mode, dtype, device: the command line's, else the stored ones (--reproduce), else the defaults
+    (the demo model has no T5)."""
     from sampling.metadata import RunSettings
 
-    default = stored or RunSettings(dtype=None)
+    default = stored or RunSettings(dtype=None, t5="off" if demo else "fp16")
     t5 = args.t5 or default.t5
     dtype = args.dtype or default.dtype
     device = args.device or default.device
@@ -234,8 +238,9 @@ def run_settings(args, stored):
     return t5, dtype, device
 
 
-def build_params(args, prompt: str | None, stored):
-    """The parameters of one prompt: the preset's (or the stored ones with --reproduce), then the command line's."""
+def build_params(args, prompt: str | None, stored, native_size: int | None = None):
+    """The parameters of one prompt: the preset's (or the stored ones with --reproduce), then the command line's;
+    native_size (the demo model's) in place of the preset's size."""
     from sampling.pipeline import GenerationParams
 
     overrides = {"negative_prompt": args.negative_prompt, "width": args.width, "height": args.height,
@@ -255,16 +260,19 @@ def build_params(args, prompt: str | None, stored):
         return GenerationParams(**{**base, **overrides})
     if "init_image" in overrides and "denoise" not in overrides:
         overrides["denoise"] = 0.6
+    if native_size is not None:
+        overrides = {"width": native_size, "height": native_size} | overrides
     return GenerationParams.from_preset(args.preset, prompt=prompt, **overrides)
 
 
-def image_metadata(params, k: int, pipe, t5: str, embedded: bool) -> dict:
+def image_metadata(params, k: int, pipe, t5: str, kind: str) -> dict:
     """What goes into image k's PNG: its GenerationParams and RunSettings (each declared in one field table),
     and its ControlNets if any."""
     from sampling.metadata import RunSettings, to_json_dict
 
     run = RunSettings(t5=t5, dtype=DTYPES_BY_TORCH[pipe.dtype], device=pipe.device.type,
-                      model=pipe.files.model.name, embedded_random_weights=embedded,
+                      model=pipe.files.model.name, embedded_random_weights=kind == "random",
+                      demo_model=kind == "demo",
                       loras=[x.record() for x in pipe.loras])
     controls = {"controlnets": [spec.to_dict() for spec in pipe.controls]} if pipe.controls else {}
     return {**params.to_dict(), "seed": params.seed + k, **to_json_dict(run), **controls}
@@ -290,7 +298,7 @@ def run(argv=None) -> int:
     if args.tokenizers is not None and args.model is None:
         raise ValueError("--tokenizers goes with --model FILE (a model directory holds its own tokenizers)")
     from mmditx.runtime import tune_for_memory_mode
-    from sampling.embedded import model_dir_or_embedded
+    from sampling.embedded import demo_info, model_dir_or_demo
     from sampling.io import prepare_output, progress_callback, save_png
     from mmditx import read_config
     from mmditx.checkpoint import parse_device
@@ -304,10 +312,14 @@ def run(argv=None) -> int:
     if not 1 <= args.batch_size <= MAX_BATCH:
         raise ValueError(f"--batch-size must be between 1 and {MAX_BATCH}, got {args.batch_size}")
     stored, stored_run = read_stored(args)
-    t5, dtype, device = run_settings(args, stored_run)
+    if stored_run is not None and stored_run.embedded_random_weights and args.model_dir is None and args.model is None:
+        args.random_weights = True   # reproduce on the set it was made with
+    demo = args.model_dir is None and args.model is None and not args.random_weights
+    t5, dtype, device = run_settings(args, stored_run, demo)
     loras = lora_specs(args, stored_run)
     parse_device(device)
-    jobs = [build_params(args, prompt, stored) for prompt in read_prompts(args)]
+    native = demo_info()["size"] if demo and stored is None else None
+    jobs = [build_params(args, prompt, stored, native) for prompt in read_prompts(args)]
     controls = control_specs(args)
     out_dir, out_file = prepare_output(args.out)
     # The whole job, image by image in a fixed order, and every image's file name, decided before sampling.
@@ -320,14 +332,13 @@ def run(argv=None) -> int:
 
     def locate():
         if args.model is not None:
-            return args.model, False
-        return model_dir_or_embedded(
-            args.model_dir, "Its images are noise; pass --model-dir with the official files for real images.")
-    if me.rank == 0:   # builds the embedded model set on first use: once, before the others look for it
-        model_dir, embedded = locate()
+            return args.model, "given"
+        return model_dir_or_demo(args.model_dir, args.random_weights)
+    if me.rank == 0:   # builds the random-weight set on first use: once, before the others look for it
+        model_dir, kind = locate()
     barrier(me)
     if me.rank > 0:
-        model_dir, embedded = locate()
+        model_dir, kind = locate()
     files = (ModelFiles.from_single_file(args.model, args.tokenizers, t5=t5) if args.model is not None
              else ModelFiles.from_dir(model_dir, t5=t5))
     config = read_config(files.model)   # the header only: sizes before loading
@@ -337,7 +348,8 @@ def run(argv=None) -> int:
     pipe = Pipeline(files, device=device, dtype=dtype, memory=args.memory, compile=args.compile,
                     check_weights=args.check_weights, loras=loras, controlnets=controls)
     who = f"process {me.rank + 1}/{me.world}: " if me.world > 1 else ""
-    print(f"{who}model {pipe.files.model.name} ({'embedded random weights' if embedded else model_dir}); "
+    what = {"random": "embedded random weights", "demo": f"demo model, {model_dir}"}.get(kind, model_dir)
+    print(f"{who}model {pipe.files.model.name} ({what}); "
           f"device {pipe.device}, {DTYPES_BY_TORCH[pipe.dtype]}, memory {args.memory}, T5 {t5}", file=sys.stderr)
     for x in pipe.loras:
         print(f"{who}LoRA {x.path.name} ({x.lora.format} format, strength {x.strength:g}, sha256 {x.sha256[:12]}...)",
@@ -356,7 +368,7 @@ def run(argv=None) -> int:
         out = pipe.generate(params, num_images=count, batch_size=args.batch_size,
                             callback=progress_callback(args.quiet or me.rank > 0))
         for i, image in enumerate(out):
-            written[first + i] = save_png(image, names[first + i], image_metadata(params, i, pipe, t5, embedded))
+            written[first + i] = save_png(image, names[first + i], image_metadata(params, i, pipe, t5, kind))
             print(f"{who}wrote {written[first + i]}", file=sys.stderr)
         print(f"{who}{len(out)} image(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     if me.world > 1:

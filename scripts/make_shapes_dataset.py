@@ -21,7 +21,7 @@ else:
     sys.path.insert(0, str(ROOT))
 
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
-from training.demo.shapes import HELD_OUT, vocabulary, write_dataset  # noqa: E402
+from training.demo.shapes import HELD_OUT, NEW_SHAPES, SHAPES, vocabulary, write_dataset  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=20000, help="number of images (default 20000)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated shapes objects are drawn from "
+                   f"(default: the demo's {len(SHAPES)}; 'heart': the new word of the LoRA example)")
     add_debug_flag(p)
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -37,7 +39,12 @@ def main(argv=None) -> int:
     def progress(done):
         if done % 1000 == 0 or done == args.count:
             print(f"\r{done}/{args.count} images, {time.perf_counter() - start:.0f} s", end="", file=sys.stderr)
-    out = write_dataset(args.out_dir, args.count, args.size, args.seed, progress=progress)
+    shapes = tuple(s.strip() for s in args.shapes.split(",") if s.strip())
+    unknown = sorted(set(shapes) - set(SHAPES + NEW_SHAPES))
+    if unknown or not shapes:
+        raise ValueError(f"--shapes {args.shapes!r}: unknown {unknown or 'none given'}; choose from "
+                         f"{', '.join(SHAPES + NEW_SHAPES)}")
+    out = write_dataset(args.out_dir, args.count, args.size, args.seed, progress=progress, shapes=shapes)
     print(file=sys.stderr)
     print(vocabulary(), file=sys.stderr)
     print(f"held out: {len(HELD_OUT.colour_shape)} colour x shape, {len(HELD_OUT.colour_background)} colour x "

@@ -262,7 +262,8 @@ def test_colormap_and_panels():
 
 def run_cli(cache, *args, check=True):
     env = {"MMDITX_CACHE": str(cache), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "attention_maps.py"), *args], capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "attention_maps.py"), "--random-weights", *args],
+                          capture_output=True,
                           text=True, env=env, cwd=cache, check=check)
 
 
@@ -291,7 +292,7 @@ def test_cli_writes_one_png_per_word_and_a_sheet(embedded, tmp_path, monkeypatch
     from scripts.attention_maps import main
 
     monkeypatch.setenv("MMDITX_CACHE", str(cache))
-    assert main(["--prompt", "cat", "--steps", "1", "--width", "64", "--height", "64", "--quiet",
+    assert main(["--random-weights", "--prompt", "cat", "--steps", "1", "--width", "64", "--height", "64", "--quiet",
                  "--out", str(out)]) == 0
     again = capsys.readouterr().out.split()
     assert [Path(p).name for p in again] == ["000000_00_cat.png", "000000_sheet_1.png"]
@@ -312,7 +313,8 @@ def test_cli_errors(embedded, tmp_path, monkeypatch, args, message):
 
     monkeypatch.setenv("MMDITX_CACHE", str(embedded[0]))
     with pytest.raises(SystemExit) as e:
-        main(["--steps", "2", "--width", "64", "--height", "64", "--quiet", "--out", str(tmp_path / "o"), *args])
+        main(["--random-weights", "--steps", "2", "--width", "64", "--height", "64", "--quiet",
+              "--out", str(tmp_path / "o"), *args])
     assert message in str(e.value)
 
 

@@ -13,8 +13,20 @@ from sampling.io import read_png_params
 ROOT = Path(__file__).resolve().parent.parent
 
 
+MODEL_FLAGS = ("--model-dir", "--model", "--reproduce", "--random-weights")
+
+
+def random_weights(args) -> list:
+    """args with --random-weights unless they name a model (or a PNG to reproduce): these tests exercise the
+    pipeline's mechanics on the random-weight set in the full official layout (T5 included); the demo model,
+    the default, has its own tests (tests/test_demo_model.py)."""
+    args = [a if isinstance(a, bytes) else str(a) for a in args]
+    return args if any(a in MODEL_FLAGS for a in args) else ["--random-weights", *args]
+
+
 def generate(tmp_path, *args, check=True):
     env = {"MMDITX_CACHE": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin"}
+    args = random_weights(args)
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "generate.py"), *args], capture_output=True,
                           text=True, env=env, cwd=tmp_path, check=check)
 

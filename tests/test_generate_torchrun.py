@@ -12,7 +12,7 @@ from sampling.io import read_png_params
 from sampling.jobs import plan_names, share
 from tests.test_generate_cli import ROOT
 
-ARGS = ["--steps", "2", "--width", "64", "--height", "64", "--sampler", "euler_ancestral", "--num-images", "2",
+ARGS = ["--random-weights", "--steps", "2", "--width", "64", "--height", "64", "--sampler", "euler_ancestral", "--num-images", "2",
         "--seed", "3", "--quiet"]
 
 

@@ -53,8 +53,8 @@ def test_ancestral_noise_is_per_image():
 def test_cli_num_images_equals_single_runs(pipe, capsys, tmp_path):
     from scripts.generate import main
 
-    common = ["--prompt", "a cat", "--steps", "3", "--width", "64", "--height", "64", "--sampler", "euler_ancestral",
-              "--quiet"]
+    common = ["--random-weights", "--prompt", "a cat", "--steps", "3", "--width", "64", "--height", "64",
+              "--sampler", "euler_ancestral", "--quiet"]
     assert main([*common, "--num-images", "2", "--seed", "4", "--out", str(tmp_path / "batch")]) == 0
     assert main([*common, "--seed", "5", "--out", str(tmp_path / "single")]) == 0
     capsys.readouterr()

@@ -21,6 +21,7 @@ from PIL import Image
 from mmditx.checkpoint import SafetensorsFile, save_safetensors
 from sampling.io import read_png_params, save_png
 from sampling.samplers import SAMPLERS
+from tests.test_generate_cli import random_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--steps", "2", "--width", "64", "--height", "64", "--quiet"]
@@ -45,7 +46,7 @@ def generate(capsys, *args):
     from scripts.generate import main
 
     try:
-        rc = main([str(a) for a in args])
+        rc = main(random_weights(args))
     except SystemExit as e:   # argparse's usage errors
         rc = e.code
     out = capsys.readouterr()
@@ -326,6 +327,8 @@ def test_unwritable_cache(capsys, tmp_path, monkeypatch):
 
 def run(script, *args, env_cache=None):
     env = {"PATH": "/usr/bin:/bin", "MMDITX_CACHE": str(env_cache or "/nonexistent")}
+    if script == "generate.py":
+        args = random_weights(args)
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, env=env,
                           cwd=ROOT)
 

@@ -16,6 +16,7 @@ import encoders
 from mmditx import read_config
 from mmditx.lora import LoraError, LoraFactor, merge_lora, random_lora_factors, read_lora, save_lora
 from sampling.io import read_png_params
+from tests.test_generate_cli import random_weights
 from tests.test_encoders_common import CLIP_L_HF, clip_ids, clip_l_file, clip_oracle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def run(tmp_path, script, *args, check=True):
     env = {"MMDITX_CACHE": str(tmp_path.parent / "cache"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    if script == "generate.py":
+        args = random_weights(args)
     return subprocess.run([sys.executable, str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
                           env=env, cwd=tmp_path, check=check)
 
@@ -47,7 +50,7 @@ def generate_error(tmp, *args) -> str:
     os.environ["MMDITX_CACHE"] = str(tmp.parent / "cache")
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        status = main(list(args))
+        status = main(random_weights(args))
     lines = err.getvalue().strip().splitlines()
     assert status == 1 and lines[-1].startswith("error:") and "Traceback" not in err.getvalue()
     return lines[-1]

@@ -62,5 +62,9 @@ def write_model_file(root: Path, transformer: MMDiTX, autoencoder: VAE, info: di
     tensors |= {"first_stage_model." + k: v.detach().half() for k, v in autoencoder.state_dict().items()}
     path = root / "sd3.5_medium.safetensors"
     save_safetensors(tensors, path, metadata={"demo_version": str(VERSION)})
-    (root / "demo.json").write_text(json.dumps({"version": VERSION, "size": SIZE} | info, indent=1) + "\n")
+    from .shapes import evaluation_prompts, vocabulary
+
+    facts = {"version": VERSION, "size": SIZE, "vocabulary": vocabulary(),
+             "examples": [prompt for prompt, _ in evaluation_prompts("seen")[::6]]}
+    (root / "demo.json").write_text(json.dumps(facts | info, indent=1) + "\n")
     return path

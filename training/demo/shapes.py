@@ -387,25 +387,27 @@ def evaluation_prompts(split: str, per_combination: int = 2, seed: int = 0) -> l
 
 # ---- the dataset folder ----------------------------------------------------------------------------------
 
-def training_sample(index: int, seed: int = 0) -> tuple[Scene, Scene, str]:
+def training_sample(index: int, seed: int = 0, shapes: tuple[str, ...] = SHAPES) -> tuple[Scene, Scene, str]:
     """Sample `index` of the dataset of `seed`: (scene, what its caption names, caption). Each sample has its
-    own generator, so a dataset of N samples is the first N of any larger one."""
+    own generator, so a dataset of N samples is the first N of any larger one. `shapes`: the shapes objects
+    are drawn from (("heart",): the new word a LoRA teaches)."""
     rng = np.random.default_rng([seed, 0, index])
-    scene = random_scene(rng)
+    scene = random_scene(rng, shapes=shapes)
     named = named_attributes(scene, rng)
     return scene, named, write_caption(named, rng)
 
 
-def make_sample(index: int, seed: int = 0, size: int = 128) -> tuple[Image.Image, str, dict]:
-    """(image, caption, sidecar) of training_sample(index, seed)."""
-    scene, named, caption = training_sample(index, seed)
+def make_sample(index: int, seed: int = 0, size: int = 128,
+                shapes: tuple[str, ...] = SHAPES) -> tuple[Image.Image, str, dict]:
+    """(image, caption, sidecar) of training_sample(index, seed, shapes)."""
+    scene, named, caption = training_sample(index, seed, shapes)
     sidecar = {"caption": caption, "scene": scene.to_dict(), "named": named.to_dict(), "seed": seed,
                "index": index, "size": size}
     return render(scene, size), caption, sidecar
 
 
 def write_dataset(out_dir: str | os.PathLike, count: int, size: int = 128, seed: int = 0,
-                  progress: Callable[[int], None] | None = None) -> Path:
+                  progress: Callable[[int], None] | None = None, shapes: tuple[str, ...] = SHAPES) -> Path:
     """OUT_DIR/000000.png + .txt (caption, kohya layout) + .json (ground truth), and dataset.json (vocabulary,
     held-out set, parameters). Written into a temporary folder beside OUT_DIR and renamed at the end, so
     OUT_DIR is complete or absent."""
@@ -420,13 +422,13 @@ def write_dataset(out_dir: str | os.PathLike, count: int, size: int = 128, seed:
     tmp.mkdir()
     try:
         for i in range(count):
-            image, caption, sidecar = make_sample(i, seed, size)
+            image, caption, sidecar = make_sample(i, seed, size, shapes)
             image.save(tmp / f"{i:06d}.png")
             (tmp / f"{i:06d}.txt").write_text(caption + "\n", encoding="utf-8")
             (tmp / f"{i:06d}.json").write_text(json.dumps(sidecar, sort_keys=True) + "\n", encoding="utf-8")
             if progress:
                 progress(i + 1)
-        info = {"count": count, "size": size, "seed": seed, "shapes": SHAPES, "colours": COLOURS,
+        info = {"count": count, "size": size, "seed": seed, "shapes": shapes, "colours": COLOURS,
                 "backgrounds": BACKGROUNDS, "sizes": SIZES, "positions": POSITIONS,
                 "held_out": {"colour_shape": sorted(HELD_OUT.colour_shape),
                              "colour_background": sorted(HELD_OUT.colour_background),
