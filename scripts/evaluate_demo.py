@@ -33,7 +33,7 @@ from training.demo.shapes import NEW_SHAPES, SHAPES, evaluation_prompts  # noqa:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Per-attribute accuracy of demo-model images against their prompts.")
     p.add_argument("folder", type=Path, nargs="?", help="folder of PNG images")
-    p.add_argument("--prompts", choices=["seen", "held_out"],
+    p.add_argument("--prompts", choices=["seen", "held_out", "new_shapes"],
                    help="print the evaluation prompts of this split, one per line, and exit")
     p.add_argument("--per-combination", type=int, default=2,
                    help="with --prompts: prompts per held-out combination (and as many seen ones; default 2)")

@@ -368,10 +368,14 @@ def parse_caption(text: str, shapes: tuple[str, ...] = SHAPES) -> Scene:
 def evaluation_prompts(split: str, per_combination: int = 2, seed: int = 0) -> list[tuple[str, Scene]]:
     """Fully specified prompts and their scenes. 'held_out': per_combination prompts for every held-out
     combination, each containing that one combination and no other; 'seen': as many scenes with no held-out
-    combination, with the same mix of one- and two-object scenes."""
-    if split not in ("seen", "held_out"):
-        raise ValueError(f"split must be 'seen' or 'held_out', not {split!r}")
-    rng = np.random.default_rng([seed, 1 if split == "seen" else 2])
+    combination, with the same mix of one- and two-object scenes; 'new_shapes': one-object scenes of
+    NEW_SHAPES, as many as the one-object prompts of the others."""
+    if split not in ("seen", "held_out", "new_shapes"):
+        raise ValueError(f"split must be 'seen', 'held_out' or 'new_shapes', not {split!r}")
+    rng = np.random.default_rng([seed, {"seen": 1, "held_out": 2, "new_shapes": 3}[split]])
+    if split == "new_shapes":   # one object of a shape the dataset never shows (the LoRA example's word)
+        n = (len(HELD_OUT.colour_shape) + len(HELD_OUT.colour_background)) * per_combination
+        return [(describe(s), s) for s in (random_scene(rng, 1, shapes=NEW_SHAPES) for _ in range(n))]
     singles = (len(HELD_OUT.colour_shape) + len(HELD_OUT.colour_background)) * per_combination
     pairs = len(HELD_OUT.shape_pairs) * per_combination
     if split == "seen":
