@@ -56,6 +56,8 @@ def train_vae(vae: VAE, images: torch.Tensor, config: VAETrainConfig = VAETrainC
     lr_at = lambda s: min(1.0, (s + 1) / config.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / config.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     vae.train().requires_grad_(True)
+    with torch.no_grad():   # start with little posterior noise (std 0.05): the decoder first learns to decode
+        vae.encoder.conv_out.bias[vae.config.z_channels:].fill_(-6.0)
     history, start = [], time.perf_counter()
     for step in range(config.steps):
         idx = torch.randint(0, len(images), (config.batch_size,), generator=g)

@@ -25,11 +25,12 @@ Log = Callable[[str], None]
 
 @dataclass
 class DemoOptions:
-    images: int = 16000
+    images: int = 10000
     seed: int = 0
-    vae_steps: int = 1200
+    vae_steps: int = 1100
+    vae_batch: int = 8
     vae_crop: int = 64              # the VAE trains on random crops: 4x cheaper, and it is convolutional
-    steps: int = 2600
+    steps: int = 2200
     batch_size: int = 32
     lr: float = 4e-4
     warmup_steps: int = 100
@@ -67,7 +68,7 @@ def train_autoencoder(images: torch.Tensor, opts: DemoOptions, log: Log):
     torch.manual_seed(opts.seed)
     vae = VAE(AUTOENCODER)
     crops = random_crops(images, opts.vae_crop, opts.seed)
-    train_vae(vae, crops, VAETrainConfig(steps=opts.vae_steps, seed=opts.seed), log=log, every=100)
+    train_vae(vae, crops, VAETrainConfig(steps=opts.vae_steps, batch_size=opts.vae_batch, seed=opts.seed), log=log, every=100)
     a = match_latent_scale(vae, images[:2000])
     log(f"vae: latent rescaled by {a:.4f} so that SD3's scale and shift give unit variance")
     return vae
