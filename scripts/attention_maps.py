@@ -1,6 +1,6 @@
 """Where does the image attend to each prompt word? Generate an image and write one heatmap per word.
 
-    python scripts/attention_maps.py --prompt "a red circle to the left of a blue square"      # the demo model
+    python scripts/attention_maps.py --prompt "a photo of a cat" --steps 8      # demo model if built, else random
     python scripts/attention_maps.py --model-dir ~/models/sd3.5_medium --prompt "a red cube on a blue sphere" \\
         --seed 1 --blocks 0-12 --steps-used 0-19 --out outputs/attention
 
@@ -8,9 +8,9 @@ For every word of the prompt: the joint-attention probability that image patches
 (CLIP-L/G and T5 positions), averaged over attention heads, the chosen joint blocks and sampling steps (the
 conditional prompt only), upsampled, colored and blended over the generated image. Writes one PNG per word
 (SEED_NN_word.png) and a contact sheet of the image and all panels (SEED_sheet.png) into --out; existing files
-are never overwritten. Without --model-dir the demo model is used (sampling/demo_model/: it knows colours,
-shapes, sizes, positions and backgrounds, so those words' maps mean something); --random-weights runs the
-random-weight set in the full official layout, whose maps mean nothing.
+are never overwritten. Without --model-dir the demo model is used when there is one (sampling/demo_model/ or
+$MMDITX_DEMO_DIR), else (and with --random-weights) the random-weight set in the full official layout, whose
+maps mean nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--negative", "--negative-prompt", dest="negative", default=None, help="negative prompt")
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model-dir", type=Path, help="directory laid out like the official release; "
-                       "default: the demo model (coloured shapes)")
+                       "default: the demo model if there is one, else the random-weight set")
     model.add_argument("--random-weights", action="store_true",
                        help="the random-weight set in the full official layout (maps without meaning)")
     p.add_argument("--preset", default="sd3.5_medium", choices=["sd3.5_medium", "sd3.5_medium_model_card"],

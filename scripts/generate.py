@@ -1,15 +1,16 @@
 """Generate images with SD3.5 Medium.
 
-    python scripts/generate.py --prompt "a red circle on the left on a white background"    # the demo model
+    python scripts/generate.py --prompt "a photo of a cat"              # the demo model if built, else random weights
     python scripts/generate.py --model-dir ~/models/sd3.5_medium --prompt "a photo of a cat" --seed 1
     python scripts/generate.py --model-dir DIR --prompt-file prompts.txt --num-images 4 --memory sequential --t5 fp8
     python scripts/generate.py --model-dir ~/models/stable-diffusion-3.5-medium --prompt "..."   # diffusers folder
     python scripts/generate.py --model sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors --tokenizers DIR --prompt "..."
 
-Without --model-dir the demo model runs: a tiny SD3 trained by this project on coloured shapes (128x128, no T5;
-sampling/demo_model/, docs/demo_model.md). --random-weights runs a small random-weight set in the full official
-layout instead (built once, cached): its images are noise, but every stage of the real path runs. Outputs never
-overwrite existing files; each PNG carries its parameters as metadata (`--reproduce IMAGE.png` runs them again).
+Without --model-dir: the demo model when one is there (a tiny SD3 trained by this project on coloured shapes,
+128x128, no T5; sampling/demo_model/ or $MMDITX_DEMO_DIR; docs/demo_model.md), else (and with --random-weights)
+a small random-weight set in the full official layout (built once, cached): its images are noise, but every stage
+of the real path runs. Outputs never overwrite existing files; each PNG carries its parameters as metadata
+(`--reproduce IMAGE.png` runs them again).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model-dir", type=Path, help="directory laid out like the official release, or a "
                        "diffusers-format folder (model_index.json); default: the demo model (coloured shapes, "
-                       "128x128)")
+                       "128x128) if there is one, else the random-weight set")
     model.add_argument("--model", type=Path, metavar="FILE", help="one file holding the transformer, VAE and text "
                        "encoders (text_encoders.clip_l/clip_g/t5xxl.*, e.g. ComfyUI's all-in-one checkpoints); "
                        "tokenizers from --tokenizers")
@@ -298,7 +299,7 @@ def run(argv=None) -> int:
     if args.tokenizers is not None and args.model is None:
         raise ValueError("--tokenizers goes with --model FILE (a model directory holds its own tokenizers)")
     from mmditx.runtime import tune_for_memory_mode
-    from sampling.embedded import demo_info, model_dir_or_demo
+    from sampling.embedded import demo_available, demo_info, model_dir_or_demo
     from sampling.io import prepare_output, progress_callback, save_png
     from mmditx import read_config
     from mmditx.checkpoint import parse_device
@@ -314,7 +315,7 @@ def run(argv=None) -> int:
     stored, stored_run = read_stored(args)
     if stored_run is not None and stored_run.embedded_random_weights and args.model_dir is None and args.model is None:
         args.random_weights = True   # reproduce on the set it was made with
-    demo = args.model_dir is None and args.model is None and not args.random_weights
+    demo = args.model_dir is None and args.model is None and not args.random_weights and demo_available()
     t5, dtype, device = run_settings(args, stored_run, demo)
     loras = lora_specs(args, stored_run)
     parse_device(device)
