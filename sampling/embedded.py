@@ -204,6 +204,16 @@ def model_dir_or_demo(model_dir: str | os.PathLike | None, random_weights: bool 
     return root, "demo"
 
 
+def default_t5(kind: str) -> str:
+    """The T5 mode when none is asked for: the demo model set has no T5 ("off"); any other runs it ("fp16")."""
+    return "off" if kind == "demo" else "fp16"
+
+
+def model_label(model_dir: Path, kind: str) -> str:
+    """How the scripts name the model they run, for a `kind` of model_dir_or_demo."""
+    return {"random": "embedded random weights", "demo": f"demo model, {model_dir}"}.get(kind, str(model_dir))
+
+
 def model_dir_or_embedded(model_dir: str | os.PathLike | None, consequence: str) -> tuple[Path, bool]:
     """(`model_dir`, False), or without one (the embedded random-weight set, True) after a loud warning on
     stderr ending with `consequence` (what random weights mean for the command's output)."""

@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mmditx.runtime import tune_for_memory_mode
     from sampling.attention_maps import attention_maps, contact_sheet, overlay, slug, split_words
-    from sampling.embedded import demo_info, model_dir_or_demo
+    from sampling.embedded import default_t5, demo_info, model_dir_or_demo, model_label
     from sampling.io import prepare_output, progress_callback, save_png
     from sampling.pipeline import GenerationParams, Pipeline
 
@@ -102,8 +102,11 @@ def main(argv=None) -> int:
     args.out = prepare_output(args.out, file_allowed=False)[0]   # writable, checked before anything loads
 
     model_dir, kind = model_dir_or_demo(args.model_dir, args.random_weights)
-    size = {"random": RANDOM_SIZE, "demo": demo_info(model_dir)["size"] if kind == "demo" else 0}.get(kind, 1024)
-    t5 = args.t5 or ("off" if kind == "demo" else "fp16")
+    if kind == "demo":
+        size = demo_info(model_dir)["size"]
+    else:
+        size = RANDOM_SIZE if kind == "random" else 1024
+    t5 = args.t5 or default_t5(kind)
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"error: --steps must be at least 1, got {args.steps}")
     try:
@@ -123,8 +126,7 @@ def main(argv=None) -> int:
         steps = parse_indices(args.steps_used, params.steps, "--steps-used")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    what = {"random": "embedded random weights", "demo": f"demo model, {model_dir}"}.get(kind, model_dir)
-    print(f"model {pipe.files.model.name} ({what}), "
+    print(f"model {pipe.files.model.name} ({model_label(model_dir, kind)}), "
           f"{pipe.config.depth} joint blocks; sampler {params.sampler}, {params.steps} steps, cfg {params.cfg}, "
           f"SLG {'on' if params.slg else 'off'}, {params.width}x{params.height}, seed {params.seed}", file=sys.stderr)
     print(f"averaging blocks {args.blocks} and steps {args.steps_used}", file=sys.stderr)

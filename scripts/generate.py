@@ -225,9 +225,10 @@ def control_specs(args) -> list[dict]:
 def run_settings(args, stored, demo: bool):
     """t5 mode, dtype, device: the command line's, else the stored ones (--reproduce), else the defaults
     (the demo model has no T5)."""
+    from sampling.embedded import default_t5
     from sampling.metadata import RunSettings
 
-    default = stored or RunSettings(dtype=None, t5="off" if demo else "fp16")
+    default = stored or RunSettings(dtype=None, t5=default_t5("demo" if demo else "given"))
     t5 = args.t5 or default.t5
     dtype = args.dtype or default.dtype
     device = args.device or default.device
@@ -299,7 +300,7 @@ def run(argv=None) -> int:
     if args.tokenizers is not None and args.model is None:
         raise ValueError("--tokenizers goes with --model FILE (a model directory holds its own tokenizers)")
     from mmditx.runtime import tune_for_memory_mode
-    from sampling.embedded import demo_available, demo_info, model_dir_or_demo
+    from sampling.embedded import demo_available, demo_info, model_dir_or_demo, model_label
     from sampling.io import prepare_output, progress_callback, save_png
     from mmditx import read_config
     from mmditx.checkpoint import parse_device
@@ -349,8 +350,7 @@ def run(argv=None) -> int:
     pipe = Pipeline(files, device=device, dtype=dtype, memory=args.memory, compile=args.compile,
                     check_weights=args.check_weights, loras=loras, controlnets=controls)
     who = f"process {me.rank + 1}/{me.world}: " if me.world > 1 else ""
-    what = {"random": "embedded random weights", "demo": f"demo model, {model_dir}"}.get(kind, model_dir)
-    print(f"{who}model {pipe.files.model.name} ({what}); "
+    print(f"{who}model {pipe.files.model.name} ({model_label(model_dir, kind)}); "
           f"device {pipe.device}, {DTYPES_BY_TORCH[pipe.dtype]}, memory {args.memory}, T5 {t5}", file=sys.stderr)
     for x in pipe.loras:
         print(f"{who}LoRA {x.path.name} ({x.lora.format} format, strength {x.strength:g}, sha256 {x.sha256[:12]}...)",

@@ -37,9 +37,6 @@ def main(argv=None) -> int:
     add_debug_flag(p)
     args = p.parse_args(argv)
 
-    import torch
-    from PIL import Image
-
     from encoders import TextConditioner
     from mmditx import load_mmditx
     from sampling.control import canny_edges

@@ -82,7 +82,7 @@ def build_cache(examples: list[Example], files: ModelFiles, run_dir: str | Path,
         tokenizer_g=files.tokenizer_g, tokenizer_t5=files.tokenizer_t5, device=device, dtype=dtype)
     # one T5 length for every caption (the longest), so any captions batch together
     t5_length = None if text.tokenizer_t5 is None else max(77, text.tokenizer_t5(captions).shape[1])
-    layout = ConditioningLayout(clip_l_width=text.clip_l.config.width, clip_g_width=text.clip_g.config.width)
+    layout = ConditioningLayout.of(text)
     tensors = {}
     with torch.no_grad():
         for start in range(0, len(captions), 8):

@@ -128,6 +128,11 @@ class ConditioningLayout:
     clip_g_width: int = 1280
     clip_tokens: int = 77
 
+    @classmethod
+    def of(cls, conditioner) -> "ConditioningLayout":
+        """The layout of an encoders.TextConditioner's output (its CLIPs' widths)."""
+        return cls(clip_l_width=conditioner.clip_l.config.width, clip_g_width=conditioner.clip_g.config.width)
+
 
 def drop_captions(context: torch.Tensor, pooled: torch.Tensor, rates: tuple[float, float, float],
                   layout: ConditioningLayout = ConditioningLayout(), generator: torch.Generator | None = None):

@@ -36,6 +36,17 @@ class VAETrainConfig:
     seed: int = 0
 
 
+def pixels_to_unit(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) uint8 pixels -> float32 in [-1, 1], the VAE's input range."""
+    return images.float() / 127.5 - 1
+
+
+def warmup_cosine(step: int, steps: int, warmup: int) -> float:
+    """LR multiplier at step `step` (0-based) of `steps`: a linear warm-up over `warmup` steps times one cosine
+    from 1 to 0 over all the steps (the VAE's and the demo ControlNet's schedule)."""
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def vae_loss(vae: VAE, images: torch.Tensor, generator: torch.Generator | None, kl_weight: float):
     """images (B, 3, H, W) in [-1, 1] -> (loss, reconstruction (B, 3, H, W)), with gradients."""
     mean, logvar = vae.encoder(images).chunk(2, dim=1)                    # (B, 16, H/8, W/8) each
@@ -53,15 +64,14 @@ def train_vae(vae: VAE, images: torch.Tensor, config: VAETrainConfig = VAETrainC
     """Train `vae` in place on `images` (N, 3, H, W) uint8; batches drawn at random (seeded). Returns the log."""
     g = torch.Generator().manual_seed(config.seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
-    lr_at = lambda s: min(1.0, (s + 1) / config.warmup_steps) * 0.5 * (1 + math.cos(math.pi * s / config.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, config.steps, config.warmup_steps))
     vae.train().requires_grad_(True)
     with torch.no_grad():   # start with little posterior noise (std 0.05): the decoder first learns to decode
         vae.encoder.conv_out.bias[vae.config.z_channels:].fill_(-6.0)
     history, start = [], time.perf_counter()
     for step in range(config.steps):
         idx = torch.randint(0, len(images), (config.batch_size,), generator=g)
-        x = images[idx].float() / 127.5 - 1
+        x = pixels_to_unit(images[idx])
         loss, _ = vae_loss(vae, x, g, config.kl_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
@@ -85,7 +95,7 @@ def match_latent_scale(vae: VAE, images: torch.Tensor, batch_size: int = 64) -> 
     Exact for the decoder (its first convolution sees the same values: zero padding stays zero, as no shift
     is folded); the log-variance moves by 2 log a, so sampled latents scale alike. Returns a."""
     c = vae.config
-    means = torch.cat([vae.encoder(images[i:i + batch_size].float() / 127.5 - 1)[:, :c.z_channels]
+    means = torch.cat([vae.encoder(pixels_to_unit(images[i:i + batch_size]))[:, :c.z_channels]
                        for i in range(0, len(images), batch_size)])
     a = 1.0 / (c.scale_factor * means.std().item())
     out = vae.encoder.conv_out

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -71,6 +70,7 @@ def train_controlnet(model, net: ControlNet, latents: torch.Tensor, controls: to
                      seed: int = 0, log: Log = print) -> list[dict]:
     """Train `net` in place (model frozen) on latents (N, 16, h, w), their control latents and captions."""
     from training.objective import Objective, draw, flow_matching_loss
+    from training.vae import warmup_cosine
 
     model.requires_grad_(False)
     net.train().requires_grad_(True)
@@ -90,7 +90,7 @@ def train_controlnet(model, net: ControlNet, latents: torch.Tensor, controls: to
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + np.cos(np.pi * step / steps))
+            group["lr"] = lr * warmup_cosine(step, steps, 50)
         opt.step()
         opt.zero_grad(set_to_none=True)
         history.append({"step": step + 1, "loss": loss.item()})

@@ -3,7 +3,7 @@
     sd3.5_medium.safetensors              model.diffusion_model.*  MMDiT-X, hidden 128 (2 heads), 10 blocks,
                                                                    dual attention in 0-4, QK-norm, patch 2,
                                                                    positions for a 16x16 latent (128x128 px)
-                                          first_stage_model.*      VAE, widths 32-64-64-64, 16 latent channels, 8x
+                                          first_stage_model.*      VAE, width 64 at every level, 16 latent channels, 8x
     text_encoders/clip_l.safetensors      CLIP-L layout, width 64, 2 layers  } fixed random weights (frozen while
     text_encoders/clip_g.safetensors      CLIP-G layout, width 64, 2 layers  } the transformer trains: their outputs
                                                                              } are a fixed code for each prompt)
@@ -44,7 +44,6 @@ TRANSFORMER = MMDiTXConfig(hidden_size=128, depth=10, pos_embed_max_size=SIZE //
 # group, enough to name a palette colour.
 AUTOENCODER = VAEConfig(ch=64, ch_mult=(1, 1, 1, 1), num_res_blocks=1)
 CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "tests" / "data" / "clip_tokenizer"
-SHIPPED = Path(__file__).resolve().parents[2] / "sampling" / "demo_model"
 
 
 def write_text_encoders(root: Path, seed: int = 0) -> None:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
+
+from training.vae import pixels_to_unit
+from vae import image_to_tensor
 
 from .evaluate import Trial, accuracies, format_table, read_image, score
 from .model_set import AUTOENCODER, SIZE, TRANSFORMER, write_model_file, write_text_encoders
@@ -35,7 +38,7 @@ class DemoOptions:
     lr: float = 4e-4
     warmup_steps: int = 100
     caption_dropout: float = 0.1    # share of captions replaced by "" (the negative prompt CFG uses)
-    checks: int = 300               # held-out images the VAE gate reads back
+    checks: int = 300               # new scenes (beyond the training ones) the VAE gate reads back
 
 
 # -- stage 1: scenes ---------------------------------------------------------------------------------------
@@ -81,8 +84,7 @@ def vae_gate(vae, opts: DemoOptions, log: Log) -> dict:
     trials = []
     for i in range(opts.checks):
         scene, _, _ = training_sample(opts.images + i, opts.seed)     # beyond the training scenes
-        x = torch.from_numpy(np.array(render(scene, SIZE))).permute(2, 0, 1)[None].float() / 127.5 - 1
-        y = vae.decode(vae.encode(x, sample=False))[0]
+        y = vae.decode(vae.encode(image_to_tensor(render(scene, SIZE)), sample=False))[0]
         image = ((y + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
         reading = read_image(image)
         trials.append(Trial(scene, "held_out" if held_out_reasons(scene) else "seen", reading, score(reading, scene)))
@@ -95,7 +97,7 @@ def vae_gate(vae, opts: DemoOptions, log: Log) -> dict:
 def encode_latents(vae, images: torch.Tensor, log: Log, batch: int = 32) -> torch.Tensor:
     out = []
     for i in range(0, len(images), batch):
-        out.append(vae.encode(images[i:i + batch].float() / 127.5 - 1, sample=False).half())
+        out.append(vae.encode(pixels_to_unit(images[i:i + batch]), sample=False).half())
         if (i // batch) % 100 == 0:
             log(f"latents: {i + len(out[-1])}/{len(images)}")
     return torch.cat(out)
@@ -113,7 +115,7 @@ class SceneDataset:
         self.latents, self.captions, self.conditioner = latents, captions, conditioner
         self.buckets = {tuple(latents.shape[-2:]): list(range(len(captions)))}
         self.flip = False   # a mirror would turn "left" into "right"
-        self.layout = ConditioningLayout(conditioner.clip_l.config.width, conditioner.clip_g.config.width)
+        self.layout = ConditioningLayout.of(conditioner)
         self.dropout = caption_dropout
         self.generator = torch.Generator().manual_seed(seed)
 
