@@ -20,7 +20,8 @@ def toy_demo(tmp_path_factory):
     """scripts/train_demo.py at toy size: scenes, VAE (with its gate), latents, text encoders, transformer."""
     work = tmp_path_factory.mktemp("demo")
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--work", str(work / "w"),
-                          "--images", "32", "--vae-steps", "2", "--steps", "2", "--batch-size", "4", "--checks", "2"],
+                          "--images", "32", "--vae-steps", "2", "--steps", "2", "--batch-size", "4", "--checks", "2",
+                          "--check-every", "1"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     return Path(out.stdout.strip()), out.stderr
@@ -43,6 +44,33 @@ def test_train_demo_runs_every_stage_and_writes_the_official_layout(toy_demo):
         f = open_safetensors(path)
         assert {f.dtype(k) for k in f.keys()} == {torch.float16}, path
     assert read_config(files.model) == TRANSFORMER   # SLG's layers 7, 8, 9 exist: depth 10
+    assert set(info["caption_checks"]) == {"1", "2"} and "transformer step 2: loss with right / shuffled" in log
+    assert all(len(pair) == 2 for pair in info["caption_checks"]["2"].values())
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts the exact velocity when its pooled input is the scene's own latent (a perfect caption reader)."""
+
+    def forward(self, x, t, context, y, pos_offset=None):
+        s = (t / 1000).view(-1, 1, 1, 1)
+        x0 = y.view(x.shape)
+        return (x - x0) / s                  # x_t = (1 - s) x0 + s noise, velocity noise - x0
+
+
+class _Blind(torch.nn.Module):
+    def forward(self, x, t, context, y, pos_offset=None):
+        return torch.zeros_like(x)
+
+
+def test_caption_check_tells_a_caption_reader_from_a_text_blind_model():
+    from training.demo.train import caption_check
+
+    x0 = torch.randn(8, 16, 4, 4)
+    probe = (x0, torch.zeros(8, 3, 4), x0.flatten(1))
+    for s, (right, shuffled) in caption_check(_Oracle(), probe).items():
+        assert right < 1e-8 and shuffled > 0.5, (s, right, shuffled)
+    for s, (right, shuffled) in caption_check(_Blind(), probe).items():
+        assert right == shuffled
 
 
 def test_generate_runs_a_demo_model_set_as_the_demo(toy_demo, tmp_path):
