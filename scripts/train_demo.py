@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     opts = DemoOptions(**{f.name: getattr(args, f.name) for f in fields(DemoOptions)})
     out = args.out or args.work / "model"
+    from mmditx.runtime import keep_freed_memory
+    keep_freed_memory()   # reuse freed activations instead of faulting fresh pages in every step
     build_demo(args.work, out, opts, log=lambda m: print(m, file=sys.stderr, flush=True))
     print(out)
     return 0
