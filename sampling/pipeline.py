@@ -36,7 +36,7 @@ from mmditx.checkpoint import open_safetensors, parse_device, parse_dtype, read_
 from mmditx.controlnet import check_compatible, control_units, read_control_type
 
 from .control import ControlSpec, control_type_of, encode_control, load_control_image
-from .defaults import load_sampling_defaults
+from .defaults import DEFAULTS, preset_fields
 from .guidance import GuidedDenoiser, SkipLayerGuidance
 from .io import check_image_file, read_image
 from .loras import apply_to_text_encoders, apply_to_transformer, load_loras
@@ -79,23 +79,26 @@ def check_finite(t: torch.Tensor, stage: str) -> None:
 class GenerationParams:
     """Everything that determines an image (written into the PNG so it can be reproduced).
 
+    The sampling defaults are the default preset's (configs/sampling_sd3.5_medium.json: the official dpmpp_2m,
+    50 steps, cfg 5.0, skip-layer guidance on), the same as generate.py's; `from_preset` picks another preset.
+
     Each field is declared once with its type and allowed range (sampling.metadata.checked): construction,
     --reproduce and the command line are all checked against this table. A new option adds its field here,
     with a default that means "off" (older PNGs without the field then reproduce unchanged)."""
     prompt: str
     negative_prompt: str = ""
-    width: int = checked(1024, lo=16, hi=MAX_SIDE)
-    height: int = checked(1024, lo=16, hi=MAX_SIDE)
-    steps: int = checked(40, lo=1, hi=MAX_STEPS)
-    cfg: float = checked(4.5, lo=0.0, hi=MAX_CFG)
-    shift: float = checked(3.0, lo=SHIFT_RANGE[0], hi=SHIFT_RANGE[1])
-    sampler: str = checked("euler", choices=tuple(sorted(SAMPLERS)))
+    width: int = checked(DEFAULTS["width"], lo=16, hi=MAX_SIDE)
+    height: int = checked(DEFAULTS["height"], lo=16, hi=MAX_SIDE)
+    steps: int = checked(DEFAULTS["steps"], lo=1, hi=MAX_STEPS)
+    cfg: float = checked(DEFAULTS["cfg"], lo=0.0, hi=MAX_CFG)
+    shift: float = checked(DEFAULTS["shift"], lo=SHIFT_RANGE[0], hi=SHIFT_RANGE[1])
+    sampler: str = checked(DEFAULTS["sampler"], choices=tuple(sorted(SAMPLERS)))
     seed: int = checked(0, lo=0, hi=MAX_SEED)
-    slg: bool = False
-    slg_layers: tuple[int, ...] = checked((7, 8, 9), lo=0, hi=1000)
-    slg_scale: float = checked(2.5, lo=0.0, hi=MAX_CFG)
-    slg_start: float = checked(0.01, lo=0.0, hi=1.0)
-    slg_end: float = checked(0.20, lo=0.0, hi=1.0)
+    slg: bool = DEFAULTS["slg"]
+    slg_layers: tuple[int, ...] = checked(DEFAULTS["slg_layers"], lo=0, hi=1000)
+    slg_scale: float = checked(DEFAULTS["slg_scale"], lo=0.0, hi=MAX_CFG)
+    slg_start: float = checked(DEFAULTS["slg_start"], lo=0.0, hi=1.0)
+    slg_end: float = checked(DEFAULTS["slg_end"], lo=0.0, hi=1.0)
     denoise: float = checked(1.0, lo=0.0, lo_open=True, hi=1.0)
     init_image: str | None = None
     scheduler: str = checked("official", choices=tuple(SCHEDULERS))  # sampling.schedulers ('official' = 'normal')
@@ -122,11 +125,7 @@ class GenerationParams:
     def from_preset(cls, preset: str, **fields) -> "GenerationParams":
         """A preset's sampling settings (configs/sampling_PRESET.json) with `fields` on top; a field given as
         None keeps the preset's value."""
-        d = load_sampling_defaults(preset)
-        slg = d["slg"]
-        values = dict(steps=d["steps"], cfg=d["cfg"], shift=d["shift"], sampler=d["sampler"], slg=slg["enabled"],
-                      slg_layers=tuple(slg["layers"]), slg_scale=slg["scale"], slg_start=slg["start"],
-                      slg_end=slg["end"])
+        values = preset_fields(preset)
         values.update({k: v for k, v in fields.items() if v is not None})
         return cls(**values)
 

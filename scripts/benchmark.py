@@ -501,7 +501,7 @@ def _pipeline_child(who: str, memory: str, t5: str, malloc: str, root: str, size
         if who == "ours":
             pipe = Pipeline.from_model_dir(root, t5=t5, memory=memory)
             image = pipe.generate(GenerationParams(prompt=prompt, negative_prompt=negative, width=size, height=size,
-                                                   steps=steps, cfg=4.5, sampler="euler", seed=0))[0]
+                                                   steps=steps, cfg=4.5, sampler="euler", seed=0, slg=False))[0]
         else:
             pipe = _diffusers_pipeline(Path(root))
             image = pipe(prompt=prompt, negative_prompt=negative, height=size, width=size, num_inference_steps=steps,

@@ -32,6 +32,7 @@ import dataclasses  # noqa: E402  (imports `inspect`: after the path fix above)
 
 import torch  # noqa: E402
 
+from sampling.defaults import DEFAULT_PRESET, PRESETS  # noqa: E402
 from sampling.pipeline import MEMORY_MODES  # noqa: E402
 from sampling.samplers import SAMPLERS  # noqa: E402
 from sampling.schedulers import SCHEDULERS  # noqa: E402
@@ -59,7 +60,7 @@ def parse_args(argv=None):
     src.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line")
     src.add_argument("--reproduce", type=Path, metavar="PNG", help="run again with the parameters stored in a PNG")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--preset", default="sd3.5_medium", choices=["sd3.5_medium", "sd3.5_medium_model_card"],
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
                    help="sampling defaults: the official ones (dpmpp_2m, 50 steps, cfg 5, SLG) or the model card's "
                         "(euler, 40 steps, cfg 4.5)")
     p.add_argument("--width", type=int)
