@@ -21,6 +21,7 @@ from torch import nn
 
 from configs import DEFAULT_PRESET, load_sampling_preset
 
+from .blocks import modulation_names
 from .checkpoint import build_on_meta
 from .config import MMDiTXConfig
 from .model import MMDiTX
@@ -104,7 +105,7 @@ def image_tokens(config: MMDiTXConfig, height: int, width: int) -> int:
 def stream_flops(config: MMDiTXConfig, batch: int, tokens: int, pre_only: bool, dual: bool) -> int:
     """Linear FLOPs of one stream (DismantledBlock) of a joint block over `tokens` tokens per sample."""
     D, hidden, BL = config.hidden_size, int(config.hidden_size * config.mlp_ratio), batch * tokens
-    n_mod = 2 if pre_only else (9 if dual else 6)
+    n_mod = len(modulation_names(pre_only, dual))                       # adaLN vectors of size D
     flops = linear(batch, D, n_mod * D) + linear(BL, D, 3 * D)            # adaLN, attn.qkv
     if not pre_only:
         flops += linear(BL, D, D) + linear(BL, D, hidden) + linear(BL, hidden, D)   # attn.proj, mlp
