@@ -30,6 +30,7 @@ import encoders
 import vae as vae_lib
 from mmditx import load_controlnet, load_mmditx, read_config, read_controlnet_config, stream_weights
 from encoders.clip import PREFIXES as CLIP_PREFIXES
+from encoders.conditioning import check_t5_mode, release_text_files
 from encoders.t5 import PREFIXES as T5_PREFIXES
 from encoders.tokenizers import T5_MAX_LENGTH, T5_MIN_LENGTH
 from mmditx.checkpoint import open_safetensors, parse_device, parse_dtype, read_model_index
@@ -48,7 +49,6 @@ from .schedulers import SCHEDULERS, schedule as make_schedule
 MODEL_FILE_NAMES = ("sd3.5_medium.safetensors", "sd3.5_large.safetensors", "sd3_medium.safetensors")
 MEMORY_MODES = ("resident", "sequential", "frugal")
 HIRES_UPSCALERS = ("latent", "lanczos")
-T5_FILES = {"fp16": "t5xxl_fp16.safetensors", "fp8": "t5xxl_fp8_e4m3fn.safetensors"}
 CLIP_PROBE = "text_model.embeddings.token_embedding.weight"
 
 
@@ -219,25 +219,11 @@ class ModelFiles:
                     f"{root}: expected sd3.5_medium.safetensors (or exactly one .safetensors file) in the directory; "
                     f"found {found or 'none'}")
             models = [root / found[0]]
-        te = root / "text_encoders"
-        if t5 not in ("fp16", "fp8", "off"):
-            raise ValueError(f"t5 must be 'fp16', 'fp8' or 'off', not {t5!r}")
-        if not te.is_dir() and CLIP_PREFIXES["CLIP-L"][1] + CLIP_PROBE in open_safetensors(models[0]):
+        check_t5_mode(t5)
+        bundled = CLIP_PREFIXES["CLIP-L"][1] + CLIP_PROBE in open_safetensors(models[0])
+        if not (root / "text_encoders").is_dir() and bundled:
             return cls.from_single_file(models[0], root, t5)   # a file that bundles the text encoders
-        t5_path = None
-        if t5 != "off":
-            t5_path = te / T5_FILES[t5]
-            if not t5_path.is_file():
-                other = te / T5_FILES["fp8" if t5 == "fp16" else "fp16"]
-                hint = f" ({other.name} is there: use --t5 {'fp8' if t5 == 'fp16' else 'fp16'})" if other.is_file() else ""
-                raise FileNotFoundError(f"{t5_path} not found{hint}; or run without T5 (--t5 off)")
-        files = cls(model=models[0], clip_l=te / "clip_l.safetensors", clip_g=te / "clip_g.safetensors", t5=t5_path,
-                    tokenizer_l=root / "tokenizer", tokenizer_g=root / "tokenizer_2",
-                    tokenizer_t5=(root / "tokenizer_3") if t5 != "off" else None)
-        for p in (files.clip_l, files.clip_g):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} not found (the official release has text_encoders/{p.name})")
-        return files
+        return cls(model=models[0], **release_text_files(root, t5))
 
 
 def check_size(width: int, height: int, max_pixels_side: int) -> None:
@@ -363,11 +349,9 @@ class Pipeline:
     # -- the job -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], negatives: list[str], t5_tokens: int = T5_MIN_LENGTH):
-        # One call, so prompt and negative share one T5 length and can be batched together for CFG.
-        context, pooled = self.text_encoder().encode(list(prompts) + list(negatives), t5_tokens=t5_tokens)
+        pair = self.text_encoder().encode_pair(prompts, negatives, t5_tokens)   # one T5 length: batched for CFG
         self._release("_text")
-        n = len(prompts)
-        return (context[:n], pooled[:n]), (context[n:], pooled[n:])
+        return pair
 
     @torch.no_grad()
     def generate(self, params: GenerationParams, num_images: int = 1,
