@@ -29,3 +29,10 @@ def test_entry_points_import_as_written():
                              "from encoders import load_clip_l, load_clip_g, load_t5\n"
                              "from scripts.generate import main")
     assert {"mmditx.model", "mmditx.lora", "mmditx.controlnet", "vae.loading", "encoders.t5"} <= modules
+
+
+def test_no_script_shadows_the_standard_library():
+    """Run as a file, a script's folder comes first on sys.path: no script may be named like a stdlib module
+    (scripts/inspect.py once shadowed `inspect`, which torch imports)."""
+    names = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    assert not names & set(sys.stdlib_module_names)
