@@ -23,7 +23,39 @@ from .t5 import T5Encoder, load_t5
 from .tokenizers import T5_MIN_LENGTH, CLIPTokenizer, T5Tokenizer
 
 CONTEXT_WIDTH = 4096                 # T5-XXL's width; the CLIP features are zero-padded to it
-T5_FILES = {"fp16": "t5xxl_fp16.safetensors", "fp8": "t5xxl_fp8_e4m3fn.safetensors"}
+T5_FILES = {"fp16": "t5xxl_fp16.safetensors", "fp8": "t5xxl_fp8_e4m3fn.safetensors"}   # in text_encoders/
+T5_MODES = ("fp16", "fp8", "off")
+
+
+def check_t5_mode(t5: str) -> str:
+    if t5 not in T5_MODES:
+        raise ValueError(f"t5 must be 'fp16', 'fp8' or 'off', not {t5!r}")
+    return t5
+
+
+def release_text_files(root: str | os.PathLike, t5: str = "fp16") -> dict[str, Path | None]:
+    """The text part of a folder laid out like the official release, as `TextConditioner.from_files` takes it:
+    text_encoders/{clip_l,clip_g}.safetensors, text_encoders/t5xxl_fp16.safetensors (t5="fp16") or
+    t5xxl_fp8_e4m3fn.safetensors (t5="fp8"), or no T5 (t5="off"); tokenizer/ (CLIP-L), tokenizer_2/ (CLIP-G),
+    tokenizer_3/ (T5). The one reader of that layout (sampling.pipeline.ModelFiles adds the model file)."""
+    check_t5_mode(t5)
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"model directory {root} does not exist")
+    te = root / "text_encoders"
+    t5_path = None if t5 == "off" else te / T5_FILES[t5]
+    if t5_path is not None and not t5_path.is_file():
+        other = "fp8" if t5 == "fp16" else "fp16"
+        there = (te / T5_FILES[other]).is_file()
+        hint = f" ({T5_FILES[other]} is there: use t5='{other}', --t5 {other})" if there else ""
+        raise FileNotFoundError(f"{t5_path} not found{hint}; or run without T5 (t5='off', --t5 off)")
+    files = dict(clip_l=te / "clip_l.safetensors", clip_g=te / "clip_g.safetensors", t5=t5_path,
+                 tokenizer_l=root / "tokenizer", tokenizer_g=root / "tokenizer_2",
+                 tokenizer_t5=None if t5 == "off" else root / "tokenizer_3")
+    for p in (files["clip_l"], files["clip_g"]):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found (the official release has text_encoders/{p.name})")
+    return files
 
 
 class TextConditioner:
@@ -89,24 +121,9 @@ class TextConditioner:
     @classmethod
     def from_model_dir(cls, root: str | os.PathLike, t5: str = "fp16", device: torch.device | str = "cpu",
                        dtype: torch.dtype | str | None = torch.float32, stream: bool = False) -> "TextConditioner":
-        """Load from a directory laid out like the official release:
-        text_encoders/{clip_l,clip_g}.safetensors, text_encoders/t5xxl_fp16.safetensors (t5="fp16") or
-        t5xxl_fp8_e4m3fn.safetensors (t5="fp8", kept in fp8: half the memory), or t5="off" (no T5);
-        tokenizer/ (CLIP-L), tokenizer_2/ (CLIP-G), tokenizer_3/spiece.model (T5)."""
-        if t5 not in ("fp16", "fp8", "off"):
-            raise ValueError(f"t5 must be 'fp16', 'fp8' or 'off', not {t5!r}")
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: model directory not found")
-        files = root / "text_encoders"
-        t5_path = None if t5 == "off" else files / T5_FILES[t5]
-        if t5_path is not None and not t5_path.is_file():
-            other = "fp8" if t5 == "fp16" else "fp16"
-            hint = f" ({T5_FILES[other]} is there: use t5='{other}')" if (files / T5_FILES[other]).is_file() else ""
-            raise FileNotFoundError(f"{t5_path} not found{hint}; or run without T5 (t5='off')")
-        return cls.from_files(files / "clip_l.safetensors", files / "clip_g.safetensors", t5_path,
-                              root / "tokenizer", root / "tokenizer_2", None if t5 == "off" else root / "tokenizer_3",
-                              device=device, dtype=dtype, stream=stream)
+        """Load from a directory laid out like the official release (see `release_text_files`): t5="fp16",
+        "fp8" (kept in fp8: half the memory) or "off" (no T5)."""
+        return cls.from_files(**release_text_files(root, t5), device=device, dtype=dtype, stream=stream)
 
     @property
     def device(self) -> torch.device:
@@ -144,9 +161,10 @@ class TextConditioner:
         pooled = torch.cat([pooled_l, pooled_g], dim=-1)                            # (B, 2048)
         return context, pooled
 
-    def encode_pair(self, prompts: list[str], negatives: list[str]):
-        """(prompts' (context, pooled), negatives' (context, pooled)) with one T5 length, ready to batch for CFG."""
+    def encode_pair(self, prompts: list[str], negatives: list[str], t5_tokens: int = T5_MIN_LENGTH):
+        """(prompts' (context, pooled), negatives' (context, pooled)) with one T5 length, ready to batch for CFG:
+        one `encode` call, so prompt and negative share the T5 length."""
         prompts, negatives = list(prompts), list(negatives)
-        context, pooled = self.encode(prompts + negatives)
+        context, pooled = self.encode(prompts + negatives, t5_tokens=t5_tokens)
         n = len(prompts)
         return (context[:n], pooled[:n]), (context[n:], pooled[n:])

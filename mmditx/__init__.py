@@ -4,16 +4,29 @@
     v = model(x, t, context=context, y=pooled, skip_layers=())   # velocity, shaped like x
     net = mmditx.load_controlnet("controlnet.safetensors")          # official or diffusers format
     v = model(x, t, context=context, y=pooled, controls=[(net, control_latent, 1.0)])
+
+The names below load on first use (PEP 562), so that `import mmditx.checkpoint`, the checkpoint reader that
+encoders/ and vae/ share, does not import the transformer.
 """
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, MMDiTXConfig, load_config
-from .controlnet import ControlNet, load_controlnet, read_controlnet_config
-from .loading import load_mmditx, read_config
-from .lora import LoraError, apply_lora
-from .model import MMDiTX
-from .streaming import stop_streaming, stream_weights
+from importlib import import_module
 
-__all__ = ["MMDiTX", "MMDiTXConfig", "load_mmditx", "read_config", "load_config", "CheckpointError", "ConfigError",
-           "stream_weights", "stop_streaming", "apply_lora", "LoraError", "ControlNet", "load_controlnet",
-           "read_controlnet_config"]
+_HOMES = {  # public name -> the module that defines it
+    "MMDiTX": "model", "MMDiTXConfig": "config", "load_config": "config", "ConfigError": "config",
+    "load_mmditx": "loading", "read_config": "loading", "CheckpointError": "checkpoint",
+    "stream_weights": "streaming", "stop_streaming": "streaming", "apply_lora": "lora", "LoraError": "lora",
+    "ControlNet": "controlnet", "load_controlnet": "controlnet", "read_controlnet_config": "controlnet",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mmditx' has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

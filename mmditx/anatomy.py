@@ -19,6 +19,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from configs import DEFAULT_PRESET, load_sampling_preset
+
+from .blocks import modulation_names
 from .checkpoint import build_on_meta
 from .config import MMDiTXConfig
 from .model import MMDiTX
@@ -26,10 +29,13 @@ from .model import MMDiTX
 BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to t_embedder (layers.TimestepEmbedder)
 
-# Skip-layer guidance, official SD3.5 Medium defaults: the conditional half runs once more with these blocks
-# skipped on steps with start*steps < step < end*steps (step counted from 0).
-SLG_LAYERS = (7, 8, 9)
-SLG_START, SLG_END = 0.01, 0.20
+# Skip-layer guidance as the default sampling preset sets it (configs/sampling_sd3.5_medium.json): the conditional
+# half runs once more with these blocks skipped on steps with start*steps < step < end*steps (step from 0).
+_PRESET = load_sampling_preset(DEFAULT_PRESET)
+_SLG = _PRESET["slg"]
+SLG_LAYERS = tuple(_SLG["layers"])
+SLG_START, SLG_END = _SLG["start"], _SLG["end"]
+STEPS = _PRESET["steps"]   # a run's length in the per-run FLOPs line
 NOT_COUNTED = "Not counted: norms, activations, softmax, modulation, residual adds (about 1%, mostly softmax)."
 
 
@@ -99,7 +105,7 @@ def image_tokens(config: MMDiTXConfig, height: int, width: int) -> int:
 def stream_flops(config: MMDiTXConfig, batch: int, tokens: int, pre_only: bool, dual: bool) -> int:
     """Linear FLOPs of one stream (DismantledBlock) of a joint block over `tokens` tokens per sample."""
     D, hidden, BL = config.hidden_size, int(config.hidden_size * config.mlp_ratio), batch * tokens
-    n_mod = 2 if pre_only else (9 if dual else 6)
+    n_mod = len(modulation_names(pre_only, dual))                       # adaLN vectors of size D
     flops = linear(batch, D, n_mod * D) + linear(BL, D, 3 * D)            # adaLN, attn.qkv
     if not pre_only:
         flops += linear(BL, D, D) + linear(BL, D, hidden) + linear(BL, hidden, D)   # attn.proj, mlp
@@ -212,7 +218,7 @@ def format_memory(params: int) -> str:
 
 
 def step_flops(config: MMDiTXConfig, height: int, width: int, batch: int, tokens: int,
-               steps: int = 50) -> list[tuple[str, int]]:
+               steps: int = STEPS) -> list[tuple[str, int]]:
     """(label, FLOPs) per sampling step. CFG batches cond and uncond into one forward (batch = 2 x images);
     skip-layer guidance adds, on its steps, a forward of the conditional half with SLG_LAYERS skipped."""
     one = forward_flops(config, height, width, batch, tokens)
@@ -240,7 +246,7 @@ def format_step_flops(rows: list[tuple[str, int]]) -> str:
 
 
 def report(config: MMDiTXConfig, height: int = 1024, width: int = 1024, batch: int = 2, tokens: int = 154,
-           name: str = "MMDiT-X", steps: int = 50) -> str:
+           name: str = "MMDiT-X", steps: int = STEPS) -> str:
     """The whole plain-text report: header, per-component table, memory, FLOPs per step."""
     cfg = config
     rows = anatomy(cfg, height, width, batch, tokens)

@@ -1,25 +1,57 @@
 """Joint blocks: two streams (text `context`, image `x`) with their own weights that attend jointly.
 
 Each stream is a `DismantledBlock` (the official name: a DiT block taken apart at the attention so two of
-them can share one attention over the concatenated sequence). Per stream and block:
+them can share one attention over the concatenated sequence). Per stream and block, with c (B, D) the
+timestep + pooled-text vector and `mod = modulation(c)` its adaLN-Zero vectors (shift, scale, gate per branch):
 
-    shift/scale/gate = adaLN_modulation(c)                     c: (B, D) timestep + pooled-text vector
-    q, k, v          = attn.qkv(modulate(norm1(s), shift, scale)), RMSNorm per head on q and k
+    q, k, v = attn.qkv(modulate(norm1(s), mod.msa.shift, mod.msa.scale)), RMSNorm per head on q and k
     -- joint attention over [context ; x] --
-    s = s + gate_msa * attn.proj(attention output)
-    s = s + gate_mlp * mlp(modulate(norm2(s), shift_mlp, scale_mlp))
+    s = s + mod.msa.gate * attn.proj(attention output)
+    s = s + mod.mlp.gate * mlp(modulate(norm2(s), mod.mlp.shift, mod.mlp.scale))
 
 MMDiT-X adds, in the first blocks of SD3.5 Medium, a second attention `attn2` over the image tokens only
-(its own modulation triplet, residual added after the joint attention). The last block's context stream is
-`pre_only`: it only contributes keys/values; its output is never used.
+(its own set `mod.msa2`, residual added after the joint attention). The last block's context stream is
+`pre_only`: it only contributes keys/values (shift and scale only, no gate); its output is never used.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .layers import Attention, Mlp, SelfAttention, modulate
+
+
+def modulation_names(pre_only: bool = False, dual_attention: bool = False) -> tuple[str, ...]:
+    """The layout of a stream's adaLN output, in the checkpoint's order: (shift, scale, gate) for each branch it
+    modulates, the joint attention ('msa'), the MLP ('mlp'), the second attention ('msa2', dual-attention blocks
+    only); a pre-only stream has only shift_msa and scale_msa. The one definition of the layout: the block,
+    mmditx.tracing (names) and mmditx.anatomy (sizes) read it here."""
+    if pre_only:
+        return ("shift_msa", "scale_msa")
+    branches = ("msa", "mlp", "msa2") if dual_attention else ("msa", "mlp")
+    return tuple(f"{vector}_{branch}" for branch in branches for vector in ("shift", "scale", "gate"))
+
+
+class Modulation(NamedTuple):
+    """adaLN-Zero for one branch: its input is shifted and scaled, its output gated (Flux's ModulationOut)."""
+    shift: torch.Tensor                 # (B, D)
+    scale: torch.Tensor                 # (B, D)
+    gate: torch.Tensor | None = None    # (B, D); None in a pre-only stream, whose branch output is unused
+
+
+class StreamModulation(NamedTuple):
+    """A stream's modulation, one set per branch, in `modulation_names` order."""
+    msa: Modulation                     # the joint attention
+    mlp: Modulation | None = None       # None in a pre-only stream
+    msa2: Modulation | None = None      # the second attention: dual-attention blocks only
+
+
+def gated_residual(s: torch.Tensor, gate: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """s + gate * branch: s, branch (B, L, D), gate (B, D) per sample, as one fused addcmul."""
+    return torch.addcmul(s, gate.unsqueeze(1), branch)
 
 
 class DismantledBlock(nn.Module):
@@ -36,30 +68,29 @@ class DismantledBlock(nn.Module):
         if not pre_only:
             self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
             self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        n_mod = 2 if pre_only else (9 if dual_attention else 6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, n_mod * dim))
+        self.modulation_names = modulation_names(pre_only, dual_attention)   # 2, 6 or 9 vectors of size D
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, len(self.modulation_names) * dim))
 
-    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """c (B, D) -> 2, 6 or 9 (B, D) vectors, in the official order:
-        shift_msa, scale_msa[, gate_msa, shift_mlp, scale_mlp, gate_mlp[, shift_msa2, scale_msa2, gate_msa2]]."""
-        return self.adaLN_modulation(c).chunk(self.adaLN_modulation[1].out_features // c.shape[-1], dim=-1)
+    def modulation(self, c: torch.Tensor) -> StreamModulation:
+        """c (B, D) -> shift, scale, gate (B, D) per branch: the adaLN output cut in threes, in the order of
+        `modulation_names` (msa, mlp, msa2; a pre-only stream: msa's shift and scale)."""
+        chunks = self.adaLN_modulation(c).chunk(len(self.modulation_names), dim=-1)
+        return StreamModulation(*(Modulation(*chunks[i:i + 3]) for i in range(0, len(chunks), 3)))
 
-    def pre_attention(self, s: torch.Tensor, mod: tuple[torch.Tensor, ...]):
+    def pre_attention(self, s: torch.Tensor, mod: StreamModulation):
         """s (B, L, D) -> (q, k, v) for the joint attention, and for attn2 if this block has it."""
         s_norm = self.norm1(s)
-        qkv = self.attn.pre_attention(modulate(s_norm, mod[0], mod[1]))
-        qkv2 = self.attn2.pre_attention(modulate(s_norm, mod[6], mod[7])) if self.dual_attention else None
+        qkv = self.attn.pre_attention(modulate(s_norm, mod.msa.shift, mod.msa.scale))
+        qkv2 = self.attn2.pre_attention(modulate(s_norm, mod.msa2.shift, mod.msa2.scale)) if mod.msa2 is not None else None
         return qkv, qkv2
 
-    def post_attention(self, s: torch.Tensor, attn_out: torch.Tensor, mod: tuple[torch.Tensor, ...],
+    def post_attention(self, s: torch.Tensor, attn_out: torch.Tensor, mod: StreamModulation,
                        attn2_out: torch.Tensor | None = None) -> torch.Tensor:
         """Residual updates after attention; attn_out (B, heads, L, head_dim) -> new s (B, L, D)."""
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod[:6]
-        # s + gate * f(s), each as one fused addcmul
-        s = torch.addcmul(s, gate_msa.unsqueeze(1), self.attn.post_attention(attn_out))
-        if self.dual_attention:
-            s = torch.addcmul(s, mod[8].unsqueeze(1), self.attn2.post_attention(attn2_out))
-        return torch.addcmul(s, gate_mlp.unsqueeze(1), self.mlp(modulate(self.norm2(s), shift_mlp, scale_mlp)))
+        s = gated_residual(s, mod.msa.gate, self.attn.post_attention(attn_out))
+        if mod.msa2 is not None:
+            s = gated_residual(s, mod.msa2.gate, self.attn2.post_attention(attn2_out))
+        return gated_residual(s, mod.mlp.gate, self.mlp(modulate(self.norm2(s), mod.mlp.shift, mod.mlp.scale)))
 
 
 class JointBlock(nn.Module):

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+from configs import CONFIG_DIR
+
 HEAD_DIM = 64  # every SD3 model: heads = hidden_size / 64
 
 

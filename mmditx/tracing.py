@@ -24,9 +24,6 @@ from typing import Iterable
 
 import torch
 
-MODULATION_NAMES = ("shift_msa", "scale_msa", "gate_msa", "shift_mlp", "scale_mlp", "gate_mlp",
-                    "shift_msa2", "scale_msa2", "gate_msa2")
-
 
 def tensor_stats(t: torch.Tensor) -> dict[str, float]:
     """Cheap per-tensor statistics: RMS, max |value| over finite entries, NaN and inf counts."""
@@ -121,11 +118,12 @@ class Trace:
                     rec["context_out"] = None if context is None else context.detach().clone()
         return hook
 
-    def _on_modulation(self, i, stream):
+    def _on_modulation(self, i, stream, names):
+        """names: the stream's modulation layout (mmditx.blocks.modulation_names)."""
         def hook(module, args, output):
             if self._active(i):
-                chunks = output.detach().chunk(output.shape[-1] // args[0].shape[-1], dim=-1)
-                self._rec(i).setdefault("modulation", {})[stream] = dict(zip(MODULATION_NAMES, chunks))
+                chunks = output.detach().chunk(len(names), dim=-1)
+                self._rec(i).setdefault("modulation", {})[stream] = dict(zip(names, chunks))
         return hook
 
     def _on_joint_attention(self, i):
@@ -156,8 +154,9 @@ class Trace:
             h.append(block.register_forward_pre_hook(self._on_block_in(i)))
             h.append(block.register_forward_hook(self._on_block_out(i)))
             if self.modulation:
-                h.append(block.context_block.adaLN_modulation.register_forward_hook(self._on_modulation(i, "context")))
-                h.append(block.x_block.adaLN_modulation.register_forward_hook(self._on_modulation(i, "x")))
+                for stream, part in (("context", block.context_block), ("x", block.x_block)):
+                    hook = self._on_modulation(i, stream, part.modulation_names)
+                    h.append(part.adaLN_modulation.register_forward_hook(hook))
             if self.attention:
                 h.append(block.joint_attn.register_forward_pre_hook(self._on_joint_attention(i)))
                 if block.x_attn2 is not None:

@@ -1,17 +1,25 @@
-"""Named sampling defaults (configs/sampling_<name>.json)."""
+"""A sampling preset (configs/sampling_<name>.json) as GenerationParams fields.
+
+The presets are the only home of the sampling defaults: `GenerationParams`' field defaults and
+`SkipLayerGuidance`'s are `DEFAULTS`, the default preset's values, so `GenerationParams(prompt=...)`, the
+command line without options and the preset file describe the same run."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from configs import DEFAULT_PRESET, PRESETS, load_sampling_preset
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+__all__ = ["DEFAULT_PRESET", "PRESETS", "DEFAULTS", "preset_fields", "load_sampling_defaults"]
+
+load_sampling_defaults = load_sampling_preset   # the raw preset (a dict as written in the file)
 
 
-def load_sampling_defaults(name: str = "sd3.5_medium") -> dict:
-    """'sd3.5_medium' (official: dpmpp_2m, 50 steps, cfg 5.0, SLG) or 'sd3.5_medium_model_card' (euler, 40, 4.5)."""
-    path = CONFIG_DIR / f"sampling_{name}.json"
-    if not path.is_file():
-        names = sorted(p.stem[len("sampling_"):] for p in CONFIG_DIR.glob("sampling_*.json"))
-        raise ValueError(f"no sampling defaults named {name!r}: use one of {names}")
-    return json.loads(path.read_text())
+def preset_fields(name: str = DEFAULT_PRESET) -> dict:
+    """The preset's values under GenerationParams' field names."""
+    d = load_sampling_preset(name)
+    slg = d["slg"]
+    return dict(width=d["width"], height=d["height"], steps=d["steps"], cfg=d["cfg"], shift=d["shift"],
+                sampler=d["sampler"], slg=slg["enabled"], slg_layers=tuple(slg["layers"]), slg_scale=slg["scale"],
+                slg_start=slg["start"], slg_end=slg["end"])
+
+
+DEFAULTS = preset_fields(DEFAULT_PRESET)

@@ -11,15 +11,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .defaults import DEFAULTS
+
 
 @dataclass(frozen=True)
 class SkipLayerGuidance:
     """SLG: on steps with start*steps < step < end*steps, add (cond - cond_with_layers_skipped) * scale.
-    SD3.5 Medium's official values: layers 7, 8, 9, scale 2.5, start 0.01, end 0.20."""
-    layers: tuple[int, ...] = (7, 8, 9)
-    scale: float = 2.5
-    start: float = 0.01
-    end: float = 0.20
+    Defaults: the default preset's (SD3.5 Medium's official layers 7, 8, 9, scale 2.5, start 0.01, end 0.20)."""
+    layers: tuple[int, ...] = DEFAULTS["slg_layers"]
+    scale: float = DEFAULTS["slg_scale"]
+    start: float = DEFAULTS["slg_start"]
+    end: float = DEFAULTS["slg_end"]
 
     def active(self, step: int, steps: int) -> bool:
         """`step` counts model evaluations from 0; `steps` is the requested number of steps (the official code

@@ -26,6 +26,7 @@ import torch
 
 import encoders.clip as clip_lib
 import encoders.t5 as t5_lib
+from encoders.conditioning import T5_FILES
 import mmditx.diffusers_names as transformer_names
 import vae.diffusers_names as vae_names
 from mmditx.checkpoint import (CheckpointError, open_checkpoint, parse_dtype, write_safetensors_sharded,
@@ -38,7 +39,7 @@ from vae.loading import PREFIX as VAE_PREFIX
 from vae.loading import config_from_shapes, open_vae
 from vae.model import SCALE_FACTOR, SHIFT_FACTOR
 
-from .pipeline import T5_FILES, ModelFiles
+from .pipeline import ModelFiles
 
 DIFFUSERS_SHARD = 10 * 10**9   # diffusers' and transformers' default max_shard_size ("10GB")
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")

@@ -30,13 +30,14 @@ import encoders
 import vae as vae_lib
 from mmditx import load_controlnet, load_mmditx, read_config, read_controlnet_config, stream_weights
 from encoders.clip import PREFIXES as CLIP_PREFIXES
+from encoders.conditioning import check_t5_mode, release_text_files
 from encoders.t5 import PREFIXES as T5_PREFIXES
 from encoders.tokenizers import T5_MAX_LENGTH, T5_MIN_LENGTH
 from mmditx.checkpoint import open_safetensors, parse_device, parse_dtype, read_model_index
 from mmditx.controlnet import check_compatible, control_units, read_control_type
 
 from .control import ControlSpec, control_type_of, encode_control, load_control_image
-from .defaults import load_sampling_defaults
+from .defaults import DEFAULTS, preset_fields
 from .guidance import GuidedDenoiser, SkipLayerGuidance
 from .io import check_image_file, read_image
 from .loras import apply_to_text_encoders, apply_to_transformer, load_loras
@@ -48,7 +49,6 @@ from .schedulers import SCHEDULERS, schedule as make_schedule
 MODEL_FILE_NAMES = ("sd3.5_medium.safetensors", "sd3.5_large.safetensors", "sd3_medium.safetensors")
 MEMORY_MODES = ("resident", "sequential", "frugal")
 HIRES_UPSCALERS = ("latent", "lanczos")
-T5_FILES = {"fp16": "t5xxl_fp16.safetensors", "fp8": "t5xxl_fp8_e4m3fn.safetensors"}
 CLIP_PROBE = "text_model.embeddings.token_embedding.weight"
 
 
@@ -79,23 +79,26 @@ def check_finite(t: torch.Tensor, stage: str) -> None:
 class GenerationParams:
     """Everything that determines an image (written into the PNG so it can be reproduced).
 
+    The sampling defaults are the default preset's (configs/sampling_sd3.5_medium.json: the official dpmpp_2m,
+    50 steps, cfg 5.0, skip-layer guidance on), the same as generate.py's; `from_preset` picks another preset.
+
     Each field is declared once with its type and allowed range (sampling.metadata.checked): construction,
     --reproduce and the command line are all checked against this table. A new option adds its field here,
     with a default that means "off" (older PNGs without the field then reproduce unchanged)."""
     prompt: str
     negative_prompt: str = ""
-    width: int = checked(1024, lo=16, hi=MAX_SIDE)
-    height: int = checked(1024, lo=16, hi=MAX_SIDE)
-    steps: int = checked(40, lo=1, hi=MAX_STEPS)
-    cfg: float = checked(4.5, lo=0.0, hi=MAX_CFG)
-    shift: float = checked(3.0, lo=SHIFT_RANGE[0], hi=SHIFT_RANGE[1])
-    sampler: str = checked("euler", choices=tuple(sorted(SAMPLERS)))
+    width: int = checked(DEFAULTS["width"], lo=16, hi=MAX_SIDE)
+    height: int = checked(DEFAULTS["height"], lo=16, hi=MAX_SIDE)
+    steps: int = checked(DEFAULTS["steps"], lo=1, hi=MAX_STEPS)
+    cfg: float = checked(DEFAULTS["cfg"], lo=0.0, hi=MAX_CFG)
+    shift: float = checked(DEFAULTS["shift"], lo=SHIFT_RANGE[0], hi=SHIFT_RANGE[1])
+    sampler: str = checked(DEFAULTS["sampler"], choices=tuple(sorted(SAMPLERS)))
     seed: int = checked(0, lo=0, hi=MAX_SEED)
-    slg: bool = False
-    slg_layers: tuple[int, ...] = checked((7, 8, 9), lo=0, hi=1000)
-    slg_scale: float = checked(2.5, lo=0.0, hi=MAX_CFG)
-    slg_start: float = checked(0.01, lo=0.0, hi=1.0)
-    slg_end: float = checked(0.20, lo=0.0, hi=1.0)
+    slg: bool = DEFAULTS["slg"]
+    slg_layers: tuple[int, ...] = checked(DEFAULTS["slg_layers"], lo=0, hi=1000)
+    slg_scale: float = checked(DEFAULTS["slg_scale"], lo=0.0, hi=MAX_CFG)
+    slg_start: float = checked(DEFAULTS["slg_start"], lo=0.0, hi=1.0)
+    slg_end: float = checked(DEFAULTS["slg_end"], lo=0.0, hi=1.0)
     denoise: float = checked(1.0, lo=0.0, lo_open=True, hi=1.0)
     init_image: str | None = None
     scheduler: str = checked("official", choices=tuple(SCHEDULERS))  # sampling.schedulers ('official' = 'normal')
@@ -122,11 +125,7 @@ class GenerationParams:
     def from_preset(cls, preset: str, **fields) -> "GenerationParams":
         """A preset's sampling settings (configs/sampling_PRESET.json) with `fields` on top; a field given as
         None keeps the preset's value."""
-        d = load_sampling_defaults(preset)
-        slg = d["slg"]
-        values = dict(steps=d["steps"], cfg=d["cfg"], shift=d["shift"], sampler=d["sampler"], slg=slg["enabled"],
-                      slg_layers=tuple(slg["layers"]), slg_scale=slg["scale"], slg_start=slg["start"],
-                      slg_end=slg["end"])
+        values = preset_fields(preset)
         values.update({k: v for k, v in fields.items() if v is not None})
         return cls(**values)
 
@@ -220,25 +219,11 @@ class ModelFiles:
                     f"{root}: expected sd3.5_medium.safetensors (or exactly one .safetensors file) in the directory; "
                     f"found {found or 'none'}")
             models = [root / found[0]]
-        te = root / "text_encoders"
-        if t5 not in ("fp16", "fp8", "off"):
-            raise ValueError(f"t5 must be 'fp16', 'fp8' or 'off', not {t5!r}")
-        if not te.is_dir() and CLIP_PREFIXES["CLIP-L"][1] + CLIP_PROBE in open_safetensors(models[0]):
+        check_t5_mode(t5)
+        bundled = CLIP_PREFIXES["CLIP-L"][1] + CLIP_PROBE in open_safetensors(models[0])
+        if not (root / "text_encoders").is_dir() and bundled:
             return cls.from_single_file(models[0], root, t5)   # a file that bundles the text encoders
-        t5_path = None
-        if t5 != "off":
-            t5_path = te / T5_FILES[t5]
-            if not t5_path.is_file():
-                other = te / T5_FILES["fp8" if t5 == "fp16" else "fp16"]
-                hint = f" ({other.name} is there: use --t5 {'fp8' if t5 == 'fp16' else 'fp16'})" if other.is_file() else ""
-                raise FileNotFoundError(f"{t5_path} not found{hint}; or run without T5 (--t5 off)")
-        files = cls(model=models[0], clip_l=te / "clip_l.safetensors", clip_g=te / "clip_g.safetensors", t5=t5_path,
-                    tokenizer_l=root / "tokenizer", tokenizer_g=root / "tokenizer_2",
-                    tokenizer_t5=(root / "tokenizer_3") if t5 != "off" else None)
-        for p in (files.clip_l, files.clip_g):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} not found (the official release has text_encoders/{p.name})")
-        return files
+        return cls(model=models[0], **release_text_files(root, t5))
 
 
 def check_size(width: int, height: int, max_pixels_side: int) -> None:
@@ -364,11 +349,9 @@ class Pipeline:
     # -- the job -------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], negatives: list[str], t5_tokens: int = T5_MIN_LENGTH):
-        # One call, so prompt and negative share one T5 length and can be batched together for CFG.
-        context, pooled = self.text_encoder().encode(list(prompts) + list(negatives), t5_tokens=t5_tokens)
+        pair = self.text_encoder().encode_pair(prompts, negatives, t5_tokens)   # one T5 length: batched for CFG
         self._release("_text")
-        n = len(prompts)
-        return (context[:n], pooled[:n]), (context[n:], pooled[n:])
+        return pair
 
     @torch.no_grad()
     def generate(self, params: GenerationParams, num_images: int = 1,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .defaults import DEFAULTS
+
 
 def flow_sigma(t: torch.Tensor | float, shift: float) -> torch.Tensor:
     """sigma(t) = shift * t / (1 + (shift - 1) * t), t in (0, 1]: `shift` > 1 spends more steps at high noise."""
@@ -15,7 +17,7 @@ def flow_sigma(t: torch.Tensor | float, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
+def sigmas(steps: int, shift: float = DEFAULTS["shift"]) -> torch.Tensor:
     """`steps` + 1 noise levels from 1 down to 0, exactly as the official reference computes them.
 
     sigma_min = sigma(1/1000); `steps` timesteps evenly spaced from 1000 down to 1000 * sigma_min, each mapped

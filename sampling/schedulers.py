@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from .defaults import DEFAULTS
 from .schedule import flow_sigma, sigmas as official_sigmas
 
 TIMESTEPS = 1000  # entries in the model's table of noise levels (ComfyUI's ModelSamplingDiscreteFlow)
@@ -140,7 +141,7 @@ SCHEDULERS = {"official": official_sigmas, "normal": official_sigmas, "sgm_unifo
               "simple": simple, "karras": karras, "exponential": exponential, "beta": beta}
 
 
-def schedule(name: str, steps: int, shift: float = 3.0) -> torch.Tensor:
+def schedule(name: str, steps: int, shift: float = DEFAULTS["shift"]) -> torch.Tensor:
     """`steps` + 1 noise levels (fewer for 'beta' when entries repeat) from the top down to a final 0."""
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")

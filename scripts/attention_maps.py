@@ -20,13 +20,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a file, Python puts scripts/ first on sys.path, where scripts/inspect.py would shadow the standard
-# library's `inspect` (imported by torch): put the repository root in its place.
-if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
-    sys.path[0] = str(ROOT)
-else:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its packages
 
+from sampling.defaults import DEFAULT_PRESET, PRESETS  # noqa: E402
 from sampling.pipeline import MEMORY_MODES  # noqa: E402
 from sampling.samplers import SAMPLERS  # noqa: E402
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
@@ -43,7 +39,7 @@ def parse_args(argv=None):
                        "default: the demo model if there is one, else the random-weight set")
     model.add_argument("--random-weights", action="store_true",
                        help="the random-weight set in the full official layout (maps without meaning)")
-    p.add_argument("--preset", default="sd3.5_medium", choices=["sd3.5_medium", "sd3.5_medium_model_card"],
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
                    help="sampling defaults, as for generate.py")
     p.add_argument("--width", type=int, help=f"default 1024 (the demo's 128; {RANDOM_SIZE} with --random-weights)")
     p.add_argument("--height", type=int, help=f"default 1024 (the demo's 128; {RANDOM_SIZE} with --random-weights)")

@@ -53,12 +53,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a file, Python puts scripts/ first on sys.path, where scripts/inspect.py would shadow the standard
-# library's `inspect` (imported by torch): put the repository root in its place.
-if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
-    sys.path[0] = str(ROOT)
-else:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its packages
 
 import torch  # noqa: E402
 
@@ -501,7 +496,7 @@ def _pipeline_child(who: str, memory: str, t5: str, malloc: str, root: str, size
         if who == "ours":
             pipe = Pipeline.from_model_dir(root, t5=t5, memory=memory)
             image = pipe.generate(GenerationParams(prompt=prompt, negative_prompt=negative, width=size, height=size,
-                                                   steps=steps, cfg=4.5, sampler="euler", seed=0))[0]
+                                                   steps=steps, cfg=4.5, sampler="euler", seed=0, slg=False))[0]
         else:
             pipe = _diffusers_pipeline(Path(root))
             image = pipe(prompt=prompt, negative_prompt=negative, height=size, width=size, num_inference_steps=steps,

@@ -17,12 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a file, Python puts scripts/ first on sys.path, where scripts/inspect.py would shadow the standard
-# library's `inspect`: put the repository root in its place.
-if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
-    sys.path[0] = str(ROOT)
-else:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its packages
 
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 from training.demo.evaluate import (accuracies, evaluate_folder, format_table, ground_truth_trials,  # noqa: E402

@@ -16,22 +16,17 @@ of the real path runs. Outputs never overwrite existing files; each PNG carries 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a file, Python puts scripts/ first on sys.path, where scripts/inspect.py would shadow the standard
-# library's `inspect` (imported by torch): put the repository root in its place.
-if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
-    sys.path[0] = str(ROOT)
-else:
-    sys.path.insert(0, str(ROOT))
-
-import dataclasses  # noqa: E402  (imports `inspect`: after the path fix above)
+sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its packages
 
 import torch  # noqa: E402
 
+from sampling.defaults import DEFAULT_PRESET, PRESETS  # noqa: E402
 from sampling.pipeline import MEMORY_MODES  # noqa: E402
 from sampling.samplers import SAMPLERS  # noqa: E402
 from sampling.schedulers import SCHEDULERS  # noqa: E402
@@ -59,7 +54,7 @@ def parse_args(argv=None):
     src.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line")
     src.add_argument("--reproduce", type=Path, metavar="PNG", help="run again with the parameters stored in a PNG")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--preset", default="sd3.5_medium", choices=["sd3.5_medium", "sd3.5_medium_model_card"],
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=PRESETS,
                    help="sampling defaults: the official ones (dpmpp_2m, 50 steps, cfg 5, SLG) or the model card's "
                         "(euler, 40 steps, cfg 4.5)")
     p.add_argument("--width", type=int)

@@ -12,10 +12,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
-    sys.path[0] = str(ROOT)  # scripts/inspect.py would shadow the standard library's `inspect`
-else:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its packages
 
 
 def main(argv=None) -> int:

@@ -13,12 +13,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a file, Python puts scripts/ first on sys.path, where scripts/inspect.py would shadow the standard
-# library's `inspect`: put the repository root in its place.
-if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
-    sys.path[0] = str(ROOT)
-else:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its packages
 
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 from training.demo.shapes import HELD_OUT, NEW_SHAPES, SHAPES, vocabulary, write_dataset  # noqa: E402

@@ -21,10 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a file, Python puts scripts/ first on sys.path, where scripts/inspect.py would shadow the standard
-# library's `inspect` (which torch imports): put the repository root there instead.
-if sys.path and Path(sys.path[0]).resolve() == ROOT / "scripts":
-    sys.path[0] = str(ROOT)
+sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its packages
 
 
 def child(path: str, dtype: str) -> dict:

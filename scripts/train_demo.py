@@ -9,17 +9,11 @@ minutes on a 2-core CPU (stage times go into the model set's demo.json). See doc
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a file, Python puts scripts/ first on sys.path, where scripts/inspect.py would shadow the standard
-# library's `inspect`: put the repository root in its place.
-if sys.path and Path(sys.path[0] or ".").resolve() == ROOT / "scripts":
-    sys.path[0] = str(ROOT)
-else:
-    sys.path.insert(0, str(ROOT))
-
-from dataclasses import fields  # noqa: E402  (imports `inspect`: after the line above)
+sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its packages
 
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 from training.demo.train import DemoOptions, build_demo  # noqa: E402

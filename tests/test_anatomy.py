@@ -1,4 +1,4 @@
-"""scripts/inspect.py and mmditx.anatomy: parameter totals, the FLOPs formula, the script end to end."""
+"""scripts/inspect_model.py and mmditx.anatomy: parameter totals, the FLOPs formula, the script end to end."""
 
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def run_script(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess
 
 
 def test_script_by_path_prints_the_table(tmp_path):
-    """`python scripts/inspect.py` from another folder: its folder must not shadow the stdlib `inspect`."""
-    out = run_script([str(ROOT / "scripts" / "inspect.py"), "sd3.5_medium", "--resolution", "1024",
+    """`python scripts/inspect_model.py` from another folder."""
+    out = run_script([str(ROOT / "scripts" / "inspect_model.py"), "sd3.5_medium", "--resolution", "1024",
                       "--batch", "2", "--tokens", "154"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -137,7 +137,7 @@ def test_script_by_path_prints_the_table(tmp_path):
 def test_script_as_module_reads_a_checkpoint_header(tmp_path):
     layout = mmditx_layout(hidden=128, depth=3, dual=(0,), pos_max=16)
     ckpt = write_random_checkpoint(layout, tmp_path / "small.safetensors", dtype=torch.float16)
-    out = run_script(["-m", "scripts.inspect", str(ckpt), "--resolution", "128x64", "--batch", "1"])
+    out = run_script(["-m", "scripts.inspect_model", str(ckpt), "--resolution", "128x64", "--batch", "1"])
     assert out.returncode == 0, out.stderr
     assert "small.safetensors: hidden 128, 3 joint blocks" in out.stdout
     total = sum(math.prod(s) for s in layout.values())
@@ -145,6 +145,6 @@ def test_script_as_module_reads_a_checkpoint_header(tmp_path):
 
 
 def test_script_errors_are_one_line():
-    out = run_script(["scripts/inspect.py", "no_such_config"])
+    out = run_script(["scripts/inspect_model.py", "no_such_config"])
     assert out.returncode == 2
     assert out.stderr.startswith("error: no configuration 'no_such_config'")

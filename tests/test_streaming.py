@@ -69,7 +69,7 @@ def test_frugal_pipeline_makes_the_same_image(tmp_path):
     build(tmp_path)
     files = ModelFiles.from_dir(tmp_path, t5="fp16")
     params = GenerationParams(prompt="a red cube", negative_prompt="blur", width=64, height=64, steps=3, seed=5,
-                              slg=True, slg_start=0.0, slg_end=1.0, slg_layers=(2,))
+                              cfg=4.5, sampler="euler", slg=True, slg_start=0.0, slg_end=1.0, slg_layers=(2,))
     runs = {}
     for memory in ("resident", "frugal"):
         pipe = Pipeline(files, memory=memory)

@@ -1,26 +1,22 @@
 """Print the anatomy of an MMDiT-X model: parameters per component and block (dual-attention blocks marked),
 FLOPs per forward pass and per sampling step, memory of the weights in fp32/fp16/bf16/fp8. No weights needed.
 
-    python scripts/inspect.py sd3.5_medium [--resolution 1024] [--batch 2] [--tokens 154]
-    python scripts/inspect.py path/to/sd3.5_medium.safetensors --resolution 1216x832
-    python -m scripts.inspect sd3.5_large
-    python scripts/inspect.py sd3.5_medium --controlnet net.safetensors    # and the ControlNet's FLOPs
+    python scripts/inspect_model.py sd3.5_medium [--resolution 1024] [--batch 2] [--tokens 154]
+    python scripts/inspect_model.py path/to/sd3.5_medium.safetensors --resolution 1216x832
+    python -m scripts.inspect_model sd3.5_large
+    python scripts/inspect_model.py sd3.5_medium --controlnet net.safetensors    # and the ControlNet's FLOPs
 
 A named config (configs/*.json) or a .json path is read as is; a checkpoint file is read from its header only.
 --batch is the batch of one forward pass: 2 = one image with CFG (cond + uncond batched).
 """
 
-# This file is called inspect.py: run as `python scripts/inspect.py`, its own folder is sys.path[0] and it would
-# shadow the standard library's `inspect` (which torch imports). Drop that folder before importing anything else.
-import os
 import sys
+from pathlib import Path
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))  # the repository root, for `mmditx`
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its packages
 
 import argparse  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 from mmditx import load_config, read_config, read_controlnet_config  # noqa: E402
 from mmditx.anatomy import controlnet_report, report  # noqa: E402
