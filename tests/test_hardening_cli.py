@@ -367,7 +367,7 @@ def in_process(module, args, capsys):
     (["tiny", "--steps", "x"], "'x' is not an integer"),
 ])
 def test_inspect_bad_arguments(capsys, args, message):
-    rc, err = in_process("inspect", args, capsys)
+    rc, err = in_process("inspect_model", args, capsys)
     assert rc == 2 and message in err and "Traceback" not in err
 
 
