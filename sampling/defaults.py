@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from configs import DEFAULT_PRESET, PRESETS, load_sampling_preset
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "DEFAULTS", "preset_fields", "load_sampling_defaults"]
-
-load_sampling_defaults = load_sampling_preset   # the raw preset (a dict as written in the file)
+__all__ = ["DEFAULT_PRESET", "PRESETS", "DEFAULTS", "preset_fields"]
 
 
 def preset_fields(name: str = DEFAULT_PRESET) -> dict:

@@ -8,6 +8,7 @@ demo.json; their sum is the rebuild time.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,13 @@ class DemoOptions:
     shift: float = 3.0              # of the logit-normal sigmas; see train_transformer
     check_every: int = 250          # steps between caption checks (see caption_check)
     checks: int = 300               # new scenes (beyond the training ones) the VAE gate reads back
+
+
+def write_json(path: Path, value) -> None:
+    """Whole or not at all (a temporary file renamed into place): a stopped run re-reads these files."""
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
 
 
 # -- stage 1: scenes ---------------------------------------------------------------------------------------
@@ -196,7 +204,7 @@ def train_transformer(latents, captions, vae, model_dir: Path, opts: DemoOptions
         log(f"transformer step {trainer.step}: loss with right / shuffled captions "
             + ", ".join(f"sigma {s}: {r:.4f} / {w:.4f}" for s, (r, w) in check.items()))
         checks[str(trainer.step)] = {str(s): v for s, v in check.items()}
-        checks_file.write_text(json.dumps(checks, indent=1))
+        write_json(checks_file, checks)
     return model.eval().requires_grad_(False), checks
 
 
@@ -214,7 +222,7 @@ def build_demo(work: str | Path, out: str | Path, opts: DemoOptions = DemoOption
         start = time.perf_counter()
         result = fn()
         times[name] = round(times.get(name, 0) + time.perf_counter() - start, 1)
-        times_path.write_text(json.dumps(times, indent=1))
+        write_json(times_path, times)
         log(f"== {name}: {times[name] / 60:.1f} min")
         return result
 
@@ -231,7 +239,7 @@ def build_demo(work: str | Path, out: str | Path, opts: DemoOptions = DemoOption
     gate_file = work / "vae_gate.json"
     if not gate_file.is_file():
         gate = stage("vae_gate", lambda: vae_gate(vae, opts, log))
-        gate_file.write_text(json.dumps(gate, indent=1))
+        write_json(gate_file, gate)
 
     latents_file = work / "latents.pt"
     if latents_file.is_file():
