@@ -45,7 +45,11 @@ def test_train_demo_runs_every_stage_and_writes_the_official_layout(toy_demo):
         assert {f.dtype(k) for k in f.keys()} == {torch.float16}, path
     assert read_config(files.model) == TRANSFORMER   # SLG's layers 7, 8, 9 exist: depth 10
     assert set(info["caption_checks"]) == {"1", "2"} and "transformer step 2: loss with right / shuffled" in log
-    assert all(len(pair) == 2 for pair in info["caption_checks"]["2"].values())
+    check = dict(info["caption_checks"]["2"])
+    drawn = check.pop("drawn")      # the reader on sampled prompts, both splits
+    assert set(check) == {"0.8", "0.95", "1.0"} and all(len(pair) == 2 for pair in check.values())
+    assert set(drawn) == {"seen", "held_out"} and drawn["held_out"]["colour"][1] >= 13
+    assert "transformer step 2: the reader on sampled prompts" in log
 
 
 class _Oracle(torch.nn.Module):
