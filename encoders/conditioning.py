@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mmditx.checkpoint import parse_dtype
-from mmditx.streaming import stream_weights
+from mmditx.checkpoint import compute_dtype, parse_dtype
+from mmditx.streaming import streamed_device, stream_weights
 
 from .clip import CLIPTextModel, clip_units, load_clip_g, load_clip_l
 from .t5 import T5Encoder, load_t5
@@ -97,7 +97,7 @@ class TextConditioner:
         (or fp8) as stored. stream=True keeps the CLIP weights as stored too (fp16, memory-mapped, on the CPU),
         converted to `dtype` on `device` one layer at a time (mmditx.streaming): same results, ~half the memory.
         t5_weight_dtype: how T5's matrices are kept (see `load_t5`'s weight_dtype; "fp8" quantizes on load)."""
-        dtype = parse_dtype(dtype) or (torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16)
+        dtype = parse_dtype(dtype) or compute_dtype(device)
         # Tokenizers first: a missing tokenizer file is reported before minutes of loading.
         tok_l = CLIPTokenizer(tokenizer_l, pad_with_end=True)
         tok_g = CLIPTokenizer(tokenizer_g, pad_with_end=False)
@@ -127,8 +127,7 @@ class TextConditioner:
 
     @property
     def device(self) -> torch.device:
-        streamed_to = getattr(self.clip_l, "compute_device", None)  # see from_files(stream=True)
-        return streamed_to or self.clip_l.text_model.final_layer_norm.weight.device
+        return streamed_device(self.clip_l) or self.clip_l.text_model.final_layer_norm.weight.device
 
     @torch.no_grad()
     def encode(self, prompts: str | list[str], t5_length: int | None = None,

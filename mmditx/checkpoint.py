@@ -47,11 +47,19 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be used; the message says which file, which key and what to do."""
 
 
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype a job computes in when none is asked for, decided once where the job enters (the pipeline, the
+    text conditioner): fp32 on CPU (no fast half precision there), bf16 on GPU (the model was trained in it)."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """Accept torch dtypes or their short names ('fp32', 'fp16', 'bf16', 'fp8')."""
+    """Accept torch dtypes or their short names ('fp32', 'fp16', 'bf16', 'fp8'); "stored" (or None): keep each
+    weight in the dtype of the file (a loader then copies nothing it need not)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {
+        "stored": None, "as_stored": None,
         "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
         "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
         "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

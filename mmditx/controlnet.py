@@ -88,9 +88,6 @@ class ControlNet(nn.Module):
     """The control branch. Module names are those of the official file (dit_embedder.ControlNetEmbedder);
     diffusers-format files are renamed into them on loading."""
 
-    compute_dtype: torch.dtype | None = None     # set by mmditx.streaming.stream_weights
-    compute_device: torch.device | None = None
-
     def __init__(self, config: ControlNetConfig, control_type: str | None = None, source: str = "ControlNet"):
         super().__init__()
         self.config = cfg = config
@@ -136,7 +133,7 @@ class ControlNet(nn.Module):
         tokens (B, L, D) its patch embedding + positions, t (B,) = sigma*1000, control_latent (B or 1, C, H, W)
         in the model's latent format -> `depth` tensors (B, L, D), scaled by `strength`."""
         cfg = self.config
-        dtype = self.compute_dtype or self.pos_embed_input.proj.weight.dtype
+        dtype = tokens.dtype            # the main model's: the outputs are added to its tokens
         cond = control_latent.to(x.device, dtype).expand(x.shape[0], -1, -1, -1)
         if cfg.unshifted_latent:
             cond = cond + UNSHIFTED_LATENT_OFFSET
@@ -144,13 +141,13 @@ class ControlNet(nn.Module):
             h = self.x_embedder(x.to(dtype))                                     # (B, L, D)
             if cfg.pos_embed_max_size:
                 pos = self.cropped_pos_embed(x.shape[-2] // cfg.patch_size, x.shape[-1] // cfg.patch_size)
-                h = h + pos.to(h.device, dtype)                                  # a no-op unless streaming
+                h = h + pos                                                      # (B, L, D)
         else:
             h = tokens.to(dtype)
         if cfg.zero_pooled:
             y = torch.zeros_like(y)
         elif cfg.pooled_from_main:
-            y = model.y_embedder(y.to(model.compute_dtype or model.pos_embed.dtype))
+            y = model.y_embedder(y.to(dtype))
         c = self.t_embedder(t) + self.y_embedder(y.to(dtype))                    # (B, D)
         h = h + self.pos_embed_input(cond)                                       # (B, L, D)
         ctx = self.context_embedder(context.to(dtype)) if cfg.joint else None

@@ -36,8 +36,6 @@ class FinalLayer(nn.Module):
 
 class MMDiTX(nn.Module):
     # Set by mmditx.streaming.stream_weights when weights stay stored (fp16, CPU) and compute happens elsewhere.
-    compute_dtype: torch.dtype | None = None
-    compute_device: torch.device | None = None
     # Training: recompute each joint block in the backward pass instead of keeping its activations.
     gradient_checkpointing: bool = False
 
@@ -109,11 +107,11 @@ class MMDiTX(nn.Module):
         skip = set(skip_layers)
         if not skip <= set(range(self.config.depth)):
             raise ValueError(f"skip_layers {sorted(skip)} outside the model's blocks 0..{self.config.depth - 1}")
-        dtype = self.compute_dtype or self.pos_embed.dtype
+        dtype = self.pos_embed.dtype                                            # the weights' (streamed: computed)
         p = self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
 
-        pos = self.cropped_pos_embed(h, w, pos_offset).to(x.device, dtype)     # (1, h*w, D), a no-op unless streaming
+        pos = self.cropped_pos_embed(h, w, pos_offset)                          # (1, h*w, D)
         if not torch.is_autocast_enabled(x.device.type):                        # autocast casts inside each op:
             x, y, context = x.to(dtype), y.to(dtype), context.to(dtype)         # no full-size copy of an fp16 cache
         latent, x = x, self.x_embedder(x) + pos                                 # (B, h*w, D)

@@ -30,7 +30,9 @@ def mmditx_units(model: nn.Module) -> list[nn.Module]:
 
 
 class _Swap:
-    """Pre-hook: replace the unit's parameters by converted copies. Post-hook: put the stored ones back."""
+    """Pre-hook: replace a unit's parameters by converted copies. Post-hook: put the stored ones back.
+    The model itself is a unit too, for the parameters it owns directly (MMDiTX's positional table): converted
+    for its whole forward, so the forward computes in the dtype it finds there and knows nothing of streaming."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
@@ -38,8 +40,8 @@ class _Swap:
         # in-place changes of a converted copy, in order (mmditx.lora adds its deltas here in the frugal mode)
         self.adjust: dict[nn.Parameter, list] = {}
 
-    def before(self, module: nn.Module, args) -> None:
-        for p in module.parameters():
+    def before(self, module: nn.Module, args, recurse: bool = True) -> None:
+        for p in module.parameters(recurse=recurse):
             if p not in self.stored:
                 self.stored[p] = p.data
                 dtype = self.dtype if p.is_floating_point() else p.dtype
@@ -50,10 +52,16 @@ class _Swap:
                     for fn in self.adjust[p]:
                         fn(p.data)
 
-    def after(self, module: nn.Module, args, output) -> None:
-        for p in module.parameters():
+    def after(self, module: nn.Module, args, output, recurse: bool = True) -> None:
+        for p in module.parameters(recurse=recurse):
             if p in self.stored:
                 p.data = self.stored.pop(p)
+
+    def before_own(self, module: nn.Module, args) -> None:
+        self.before(module, args, recurse=False)
+
+    def after_own(self, module: nn.Module, args, output) -> None:
+        self.after(module, args, output, recurse=False)
 
 
 def stream_weights(model: nn.Module, device: torch.device | str | None = None,
@@ -61,39 +69,46 @@ def stream_weights(model: nn.Module, device: torch.device | str | None = None,
                    units: Iterable[nn.Module] | None = None) -> nn.Module:
     """Make `model` compute in `dtype` on `device` while its weights stay as they are (see the module docstring).
 
-    units: the modules converted as one piece (default: `mmditx_units(model)` for an MMDiTX). Any weight used
-    outside them must be small or handled by the model itself (MMDiTX casts its positional-table crop).
-    Returns the model; `model.compute_dtype` and `model.compute_device` are set so its forward can cast inputs.
+    units: the modules converted as one piece (default: `mmditx_units(model)` for an MMDiTX); the model's own
+    direct parameters are converted for the whole forward. Inputs are cast by the model as always (to the dtype
+    of its converted weights), so they must already be on `device`. Returns the model.
     """
     dtype = parse_dtype(dtype)
     if dtype is None:
         raise ValueError("stream_weights needs a compute dtype (e.g. torch.float32 on CPU, torch.bfloat16 on GPU)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if getattr(model, "_weight_streaming", None):
+    if getattr(model, "_weight_swap", None):
         raise ValueError("stream_weights was already applied to this model")
     units = list(units) if units is not None else mmditx_units(model)
     swap = _Swap(device, dtype)
-    handles = []
+    handles = [model.register_forward_pre_hook(swap.before_own),
+               model.register_forward_hook(swap.after_own, always_call=True)]
     for unit in units:
         handles.append(unit.register_forward_pre_hook(swap.before))
         handles.append(unit.register_forward_hook(swap.after, always_call=True))
-    model._weight_streaming = handles
+    swap.handles = handles
     model._weight_swap = swap
-    model.compute_dtype, model.compute_device = dtype, device
     return model
 
 
 def stop_streaming(model: nn.Module) -> nn.Module:
     """Undo `stream_weights`: the model computes in its weights' own dtype and device again."""
     swap = getattr(model, "_weight_swap", None)
-    if swap is not None and any(swap.adjust.values()):
+    if swap is None:
+        return model
+    if any(swap.adjust.values()):
         raise ValueError("LoRAs were applied to this streamed model: remove them (handle.remove()) before "
                          "stop_streaming, or they would silently disappear")
-    for h in getattr(model, "_weight_streaming", None) or ():
+    for h in swap.handles:
         h.remove()
-    model._weight_streaming = model._weight_swap = None
-    model.compute_dtype = model.compute_device = None
+    model._weight_swap = None
     return model
+
+
+def streamed_device(model: nn.Module) -> torch.device | None:
+    """The device a streamed model computes on (None if it is not streamed)."""
+    swap = getattr(model, "_weight_swap", None)
+    return swap.device if swap is not None else None
 
 
 def weight_adjustments(model: nn.Module) -> dict[nn.Parameter, list] | None:

@@ -33,7 +33,7 @@ from encoders.clip import PREFIXES as CLIP_PREFIXES
 from encoders.conditioning import check_t5_mode, release_text_files
 from encoders.t5 import PREFIXES as T5_PREFIXES
 from encoders.tokenizers import T5_MAX_LENGTH, T5_MIN_LENGTH
-from mmditx.checkpoint import open_safetensors, parse_device, parse_dtype, read_model_index
+from mmditx.checkpoint import compute_dtype, open_safetensors, parse_device, parse_dtype, read_model_index
 from mmditx.controlnet import check_compatible, control_units, read_control_type
 
 from .control import ControlSpec, control_type_of, encode_control, load_control_image
@@ -278,8 +278,7 @@ class Pipeline:
                              "inside the forward pass): use the resident or sequential memory mode")
         self.files, self.device, self.memory, self.compile = files, parse_device(device), memory, compile
         self.check_weights = check_weights
-        # fp32 on CPU (no fast half precision there), bf16 on GPU unless asked otherwise
-        self.dtype = parse_dtype(dtype) or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        self.dtype = parse_dtype(dtype) or compute_dtype(self.device)    # decided here, passed to every part
         self.config = read_config(files.model)  # header only: sizes can be checked before loading anything
         self.loras = load_loras(loras, self.config)  # read and checked now, before any model is loaded
         self.controls = [ControlSpec.parse(c) for c in controlnets]

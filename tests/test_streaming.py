@@ -53,6 +53,10 @@ def test_streaming_composes_with_tracing_and_can_be_undone(tmp_path):
         stop_streaming(small)
         half = small(*x)
     assert half.dtype == torch.float16  # computing in the stored dtype again
+    # streaming lives in the hooks it installed and removed: nothing of it is left on the model
+    assert not small._forward_pre_hooks and not small._forward_hooks
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in small.modules())
+    assert getattr(small, "_weight_swap", None) is None
 
 
 def test_stream_weights_needs_a_compute_dtype(tmp_path):
