@@ -3,7 +3,7 @@
 - `<name>.json`: transformer configurations inferred from the official files (mmditx.config.load_config).
 - `sampling_<name>.json`: sampling presets, the only home of the sampling defaults (sampler, steps, cfg, shift,
   skip-layer guidance, image size). `GenerationParams`, `SkipLayerGuidance`, the command line and
-  `mmditx.anatomy` all read their defaults from the preset named `DEFAULT_PRESET`.
+  `instruments.anatomy` all read their defaults from the preset named `DEFAULT_PRESET`.
 """
 
 from __future__ import annotations

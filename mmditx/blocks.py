@@ -28,7 +28,7 @@ def modulation_names(pre_only: bool = False, dual_attention: bool = False) -> tu
     """The layout of a stream's adaLN output, in the checkpoint's order: (shift, scale, gate) for each branch it
     modulates, the joint attention ('msa'), the MLP ('mlp'), the second attention ('msa2', dual-attention blocks
     only); a pre-only stream has only shift_msa and scale_msa. The one definition of the layout: the block,
-    mmditx.tracing (names) and mmditx.anatomy (sizes) read it here."""
+    instruments.tracing (names) and instruments.anatomy (sizes) read it here."""
     if pre_only:
         return ("shift_msa", "scale_msa")
     branches = ("msa", "mlp", "msa2") if dual_attention else ("msa", "mlp")

@@ -19,8 +19,9 @@ import mmap
 import os
 import re
 import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -381,6 +382,21 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     write_safetensors_streaming(specs, tensors.__getitem__, path, metadata)
 
 
+@contextmanager
+def written_whole(path: str | os.PathLike) -> Iterator[Path]:
+    """Write a file whole or not at all: yields a temporary path beside `path` (`.NAME.PID.partial.EXT`, in the
+    same folder so the rename is atomic), renamed over `path` when the block ends without error and removed
+    otherwise. A reader never sees a partial file, a failed write leaves the old file as it was, and a model
+    memory-mapped from the old file keeps its (old) data instead of crashing with SIGBUS."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_safetensors_streaming(
     specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
     produce: Callable[[str], torch.Tensor],
@@ -403,24 +419,15 @@ def write_safetensors_streaming(
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the safetensors library does
-    # Written next to the target and renamed over it: a model memory-mapped from the old file keeps its
-    # (old) data instead of crashing with SIGBUS when the file is rewritten in place, and a failed write
-    # never leaves a truncated checkpoint behind.
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(struct.pack("<Q", len(raw)))
-            out.write(raw)
-            for k in order:
-                t = produce(k)
-                shape, dtype = specs[k]
-                if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-                    raise ValueError(f"{k}: produced {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dtype}")
-                out.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with written_whole(path) as tmp, open(tmp, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for k in order:
+            t = produce(k)
+            shape, dtype = specs[k]
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{k}: produced {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dtype}")
+            out.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 # -- checkpoints in several files, and under other names ----------------------------------------------------

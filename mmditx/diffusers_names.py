@@ -105,3 +105,16 @@ def to_diffusers(f, prefix: str = "model.diffusion_model.") -> RenamedCheckpoint
     """Our transformer's tensors (keys `prefix + name` in `f`) under diffusers' names."""
     depth = count_indexed(f.keys(), r"joint_blocks\.(\d+)\.", prefix)
     return to_theirs(f, transformer_rules(depth), "diffusers SD3 transformer", prefix=prefix)
+
+
+def diffusers_sd3_kwargs(config) -> dict:
+    """Constructor arguments of diffusers' SD3Transformer2DModel for our config (diffusers is not imported:
+    the library never depends on it): the config.json a converted folder carries, and the oracle tests build."""
+    return dict(
+        sample_size=config.pos_embed_max_size * config.patch_size, patch_size=config.patch_size,
+        in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.depth,
+        attention_head_dim=64, num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
+        caption_projection_dim=config.hidden_size, pooled_projection_dim=config.pooled_dim,
+        pos_embed_max_size=config.pos_embed_max_size, dual_attention_layers=tuple(config.dual_attention_blocks),
+        qk_norm="rms_norm" if config.qk_norm else None,
+    )

@@ -143,7 +143,7 @@ class SelfAttention(nn.Module):
 class Attention(nn.Module):
     """softmax(q k^T / sqrt(head_dim)) v over (B, heads, L, head_dim).
 
-    No weights: it is a module only so that tools (mmditx.tracing) can observe q and k with a forward hook
+    No weights: it is a module only so that tools (instruments.tracing) can observe q and k with a forward hook
     and recompute the probabilities on the side, leaving the fast fused kernel and the outputs untouched.
     """
 

@@ -31,7 +31,7 @@ import mmditx.diffusers_names as transformer_names
 import vae.diffusers_names as vae_names
 from mmditx.checkpoint import (CheckpointError, open_checkpoint, parse_dtype, write_safetensors_sharded,
                                write_safetensors_streaming)
-from mmditx.compare import diffusers_sd3_kwargs
+from mmditx.diffusers_names import diffusers_sd3_kwargs
 from mmditx.config import MMDiTXConfig
 from mmditx.loading import PREFIX as TRANSFORMER_PREFIX
 from mmditx.loading import open_transformer

@@ -88,7 +88,7 @@ def parse_indices(text: str, limit: int, what: str) -> list[int]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from mmditx.runtime import tune_for_memory_mode
-    from sampling.attention_maps import attention_maps, contact_sheet, overlay, slug, split_words
+    from instruments.attention_maps import attention_maps, contact_sheet, overlay, slug, split_words
     from sampling.embedded import default_t5, demo_info, model_dir_or_demo, model_label
     from sampling.io import prepare_output, progress_callback, save_png
     from sampling.pipeline import GenerationParams, Pipeline

@@ -27,7 +27,7 @@ merged, and (fresh subprocesses) the peak RSS of a frugal-mode forward pass with
 
 `controlnet` times one forward pass of the full-size transformer with and without one random full-size
 ControlNet (official layout, --blocks blocks of --kind), alternating, and prints the measured ratio next to the
-ratio of FLOPs (mmditx.anatomy.controlnet_flops).
+ratio of FLOPs (instruments.anatomy.controlnet_flops).
 
 `train` times one training step (forward, backward, AdamW) in fresh subprocesses, one side after the other:
 ours (training.lora adapters, rank 16 on the attention q/k/v/out of both streams) against the core loop of
@@ -59,7 +59,8 @@ import torch  # noqa: E402
 
 from mmditx import load_mmditx, read_config  # noqa: E402
 from mmditx.checkpoint import parse_dtype  # noqa: E402
-from mmditx.compare import diffusers_sd3_kwargs, diffusers_vae_kwargs  # noqa: E402
+from mmditx.diffusers_names import diffusers_sd3_kwargs  # noqa: E402
+from vae.diffusers_names import diffusers_vae_kwargs  # noqa: E402
 from mmditx.runtime import keep_freed_memory  # noqa: E402
 
 DEFAULT_CACHE = Path(os.environ.get("MMDITX_BENCH_CACHE", "/tmp/mmditx_bench"))
@@ -735,7 +736,7 @@ def bench_lora(args) -> None:
 
 
 def bench_controlnet(args) -> None:
-    from mmditx.anatomy import controlnet_flops, forward_flops
+    from instruments.anatomy import controlnet_flops, forward_flops
     from mmditx.controlnet import random_controlnet
 
     torch.manual_seed(0)

@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from mmditx import MMDiTX, load_config, load_mmditx  # noqa: E402
 from mmditx.checkpoint import save_safetensors  # noqa: E402
 from scripts.errors import add_debug_flag, bounded, run_cli  # noqa: E402
-from mmditx.compare import (diffusers_sd3_kwargs, error_table, format_table, watch_diffusers_sd3,  # noqa: E402
+from mmditx.diffusers_names import diffusers_sd3_kwargs  # noqa: E402
+from instruments.compare import (error_table, format_table, watch_diffusers_sd3,  # noqa: E402
                             watch_mmditx)
 
 
@@ -87,7 +88,7 @@ def random_t5(directory: str) -> Path:
 
 def run_t5(path: Path, b: str, args) -> tuple[dict, dict, str]:
     from encoders import load_t5
-    from mmditx.compare import watch_t5
+    from instruments.compare import watch_t5
 
     a_model = load_t5(path)
     if b == "fp8":

@@ -12,13 +12,13 @@ reader is plain colour and geometry statistics (training/demo/evaluate.py); run 
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its packages
 
+from mmditx.checkpoint import written_whole  # noqa: E402
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 from training.demo.evaluate import (accuracies, evaluate_folder, format_table, ground_truth_trials,  # noqa: E402
                                     write_grid)
@@ -85,9 +85,8 @@ def main(argv=None) -> int:
                               "objects": [{**o.attributes(), "features": o.features} for o in i.reading.objects],
                               "scores": i.scores} for i in items],
                   "skipped": problems}
-        tmp = args.json.with_name(f".{args.json.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, args.json)
+        with written_whole(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its pac
 import argparse  # noqa: E402
 
 from mmditx import load_config, read_config, read_controlnet_config  # noqa: E402
-from mmditx.anatomy import controlnet_report, report  # noqa: E402
+from instruments.anatomy import controlnet_report, report  # noqa: E402
 from mmditx.controlnet import check_compatible  # noqa: E402
 from scripts.errors import add_debug_flag, bounded, run_cli  # noqa: E402
 

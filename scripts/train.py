@@ -85,8 +85,8 @@ def parse_args(argv=None):
     v.add_argument("--validation-prompt", action="append", default=[])
     v.add_argument("--validation-seeds", default="0,1")
     v.add_argument("--validate-every", type=int, default=None)
-    v.add_argument("--validation-steps", type=int, default=20)
-    v.add_argument("--validation-cfg", type=float, default=4.0)
+    v.add_argument("--validation-steps", type=int, help="sampling steps of a validation image (default: 20)")
+    v.add_argument("--validation-cfg", type=float, help="its guidance scale (default: the sampling preset's)")
     add_debug_flag(p)
     return p.parse_args(argv)
 
@@ -125,8 +125,9 @@ def main(argv=None) -> int:
         opts = RunOptions(args.data, model_dir, args.out, train, lora, args.resolution, args.max_ratio,
                           args.on_error, CacheOptions(args.crop, args.flip, args.seed), args.t5, args.device,
                           args.from_scratch, args.resume, tuple(args.validation_prompt),
-                          tuple(int(s) for s in args.validation_seeds.split(",")), args.validation_steps,
-                          args.validation_cfg)
+                          tuple(int(s) for s in args.validation_seeds.split(",")),
+                          **{k: v for k, v in (("validation_steps", args.validation_steps),
+                                               ("validation_cfg", args.validation_cfg)) if v is not None})
         run(opts)
     except (DataError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -1,7 +1,7 @@
 """diffusers' SD3Transformer2DModel as an independent oracle for our MMDiT-X.
 
 A checkpoint in the official layout is converted with diffusers' own single-file converter and loaded into
-diffusers' model; the stage recorders of mmditx.compare (the same ones scripts/compare.py uses) capture every
+diffusers' model; the stage recorders of instruments.compare (the same ones scripts/compare.py uses) capture every
 stage of both models so the tests compare layer by layer.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from mmditx.compare import diffusers_sd3_kwargs, rel_error, watch_diffusers_sd3, watch_mmditx  # noqa: F401
+from mmditx.diffusers_names import diffusers_sd3_kwargs  # noqa: F401
+from instruments.compare import rel_error, watch_diffusers_sd3, watch_mmditx  # noqa: F401
 
 PREFIX = "model.diffusion_model."
 

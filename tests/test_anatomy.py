@@ -1,4 +1,4 @@
-"""scripts/inspect_model.py and mmditx.anatomy: parameter totals, the FLOPs formula, the script end to end."""
+"""scripts/inspect_model.py and instruments.anatomy: parameter totals, the FLOPs formula, the script end to end."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmditx import MMDiTX, load_config
-from mmditx.anatomy import (anatomy, flop_rows, forward_flops, meta_model, parameter_rows, slg_steps, step_flops,
+from instruments.anatomy import (anatomy, flop_rows, forward_flops, meta_model, parameter_rows, slg_steps, step_flops,
                             total_params, weight_bytes)
 from tests.official import mmditx_layout, official_layout, write_random_checkpoint
 

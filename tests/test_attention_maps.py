@@ -18,8 +18,8 @@ from PIL import Image
 
 from encoders import CLIPTokenizer, T5Tokenizer
 from encoders.tokenizers import _UNICODE_SPACE
-from mmditx.tracing import Trace
-from sampling.attention_maps import (attention_maps, colormap, contact_sheet, map_words, overlay, slug,
+from instruments.tracing import Trace
+from instruments.attention_maps import (attention_maps, colormap, contact_sheet, map_words, overlay, slug,
                                      split_words, word_maps)
 from tests.official import CLIP_TOKENIZER_DIR
 from tests.test_encoders_common import spiece_dir

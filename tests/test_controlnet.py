@@ -291,7 +291,7 @@ def test_controlnet_flops_match_the_flop_counter(setup, where):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mmditx.anatomy import controlnet_flops
+    from instruments.anatomy import controlnet_flops
     from tests.test_anatomy import addmm_inplace_flop
     net, model = load_controlnet(setup["dir"] / where), setup["ours"]
     x, t, ctx, y, cond = inputs(batch=2, h=8, w=12, tokens=7)

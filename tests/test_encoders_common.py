@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import encoders
 from mmditx.checkpoint import build_on_meta, expected_shapes, save_safetensors
-from mmditx.compare import Recorder
+from instruments.compare import Recorder
 from sampling.embedded import clip_layout, t5_layout  # noqa: F401 (re-exported for the encoder tests)
 from tests.official import official_layout, write_random_checkpoint
 
@@ -83,7 +83,7 @@ def t5_oracle(path: Path, dtype=torch.float32):
 
 def record(model: torch.nn.Module, names: list[str], *args) -> dict[str, torch.Tensor]:
     """Outputs of the named submodules during model(*args) (first element when a module returns a tuple),
-    recorded with the same hooks as scripts/compare.py (mmditx.compare.Recorder)."""
+    recorded with the same hooks as scripts/compare.py (instruments.compare.Recorder)."""
     rec = Recorder()
     for name in names:
         rec.watch(name, model.get_submodule(name), lambda o: (o[0] if isinstance(o, tuple) else o).float())

@@ -262,6 +262,25 @@ def test_fp16_weights_merge_and_restore_exactly(oracle, tmp_path):
         assert torch.equal(v.view(torch.int16), before[k].view(torch.int16)), k
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_in_place_fp32_merge_gives_the_buffered_bits(offset, monkeypatch):
+    """fp32 weights take the LoRA product in place (no buffer copies); removal's fix-ups and the frugal mode rely
+    on those bits being exactly the fresh-buffer result, also for weights at unaligned addresses (memory-mapped
+    files align tensors to 8 bytes only) and across row chunks."""
+    from mmditx import lora as L
+
+    monkeypatch.setattr(L, "CHUNK", 3 * 1536)         # several row chunks
+    g = torch.Generator().manual_seed(offset)
+    storage = torch.randn(1536 * 384 + offset, generator=g)
+    weight = storage[offset:].view(1536, 384)
+    f = L.LoraFactor(down=torch.randn(64, 384, generator=g) * 0.02, up=torch.randn(1536, 64, generator=g) * 0.02, alpha=32.0)
+    want = weight.clone()
+    for _, rows, (buf,), up, down in L._chunks(want, f, 1.3):
+        rows.copy_(L._plus_delta(buf, rows, up, down, 1.0))
+    L.add_delta_(weight, f, 1.3)
+    assert weight.data_ptr() % 16 == (4 * offset) % 16 and torch.equal(weight, want)
+
+
 # -- bad inputs -------------------------------------------------------------------------------------------
 
 def test_lora_for_another_model_is_refused_naming_both(oracle, tmp_path):

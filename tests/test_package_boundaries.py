@@ -23,6 +23,15 @@ def test_checkpoint_reader_without_the_transformer(package):
     assert not {"mmditx.model", "mmditx.blocks", "mmditx.loading", "sampling", "training"} & modules
 
 
+def test_no_library_package_imports_the_instruments():
+    """instruments/ (tracing, attention maps, compare, anatomy) observes the model; the model, the pipeline and
+    the trainer never need it."""
+    modules = imported_after("import mmditx, encoders, vae, sampling.pipeline, training.loop, training.run\n"
+                             "from mmditx import load_mmditx, apply_lora, load_controlnet")
+    assert {"mmditx.model", "sampling.pipeline", "training.loop"} <= modules
+    assert not any(m == "instruments" or m.startswith("instruments.") for m in modules)
+
+
 def test_entry_points_import_as_written():
     modules = imported_after("from mmditx import load_mmditx, apply_lora, load_controlnet, MMDiTX\n"
                              "from vae import load_vae\n"

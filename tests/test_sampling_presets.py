@@ -1,11 +1,11 @@
 """The sampling presets are the one home of the sampling defaults: the pipeline's defaults, the command line's,
-SkipLayerGuidance's and mmditx.anatomy's are the default preset file's values."""
+SkipLayerGuidance's and instruments.anatomy's are the default preset file's values."""
 
 import dataclasses
 import json
 
 from configs import CONFIG_DIR, DEFAULT_PRESET, PRESETS
-from mmditx import anatomy
+from instruments import anatomy
 from sampling.guidance import SkipLayerGuidance
 from sampling.pipeline import GenerationParams
 from scripts import generate

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mmditx import load_mmditx, stop_streaming, stream_weights
-from mmditx.tracing import Trace
+from instruments.tracing import Trace
 from tests.official import mmditx_layout, write_random_checkpoint
 
 TINY = dict(hidden=128, depth=4, dual=(0, 1), pos_max=16)

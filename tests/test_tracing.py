@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mmditx import MMDiTX, load_config
-from mmditx.tracing import Trace
+from instruments.tracing import Trace
 
 
 @pytest.fixture(scope="module")

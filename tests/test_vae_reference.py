@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mmditx.checkpoint import build_on_meta, expected_shapes, open_safetensors
-from mmditx.compare import diffusers_vae_kwargs
+from vae.diffusers_names import diffusers_vae_kwargs
 from tests.official import official_layout, write_random_checkpoint
 import vae
 from vae import VAE, VAEConfig, load_vae

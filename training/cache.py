@@ -16,7 +16,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 
 import encoders
 import vae as vae_lib
-from mmditx.checkpoint import open_safetensors, save_safetensors
+from mmditx.checkpoint import open_safetensors, save_safetensors, written_whole
 from sampling.pipeline import ModelFiles
 
 from .data import Example, load_crop
@@ -119,9 +118,8 @@ def build_cache(examples: list[Example], files: ModelFiles, run_dir: str | Path,
     index = {"examples": [{"file": str(ex.image), "caption": caption_index[ex.caption], "bucket": list(ex.bucket)}
                           for ex in examples],
              "flip": options.flip, "layout": asdict(layout), "captions": captions}
-    tmp = folder / f".index.{os.getpid()}.partial"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, folder / "index.json")  # written last: its presence marks a complete cache
+    with written_whole(folder / "index.json") as tmp:    # written last: its presence marks a complete cache
+        tmp.write_text(json.dumps(index, indent=1))
     return folder
 
 

@@ -11,12 +11,11 @@ Every file is written beside its target and renamed over it: an interrupted writ
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
-from mmditx.checkpoint import open_safetensors, write_safetensors_streaming
+from mmditx.checkpoint import open_safetensors, write_safetensors_streaming, written_whole
 
 from .lora import lora_factors, lora_modules
 
@@ -69,13 +68,8 @@ def save_lora_file(model, path: str | Path, format: str = "diffusers", metadata:
 
 
 def save_state(state: dict, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with written_whole(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_state(path: str | Path) -> dict:

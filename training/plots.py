@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from mmditx.checkpoint import written_whole
 
 SIZE, MARGIN = (640, 360), 48
 
@@ -39,7 +40,6 @@ def loss_curve_png(history: list[dict], path: str | Path, smooth: int = 10) -> P
         d.text((w - 2 * MARGIN, h - MARGIN + 6), f"step {max(steps)}", fill="black")
     d.text((w // 2 - 60, h - MARGIN // 2 - 4), "training loss (log scale)", fill="black")
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial.png")
-    im.save(tmp)
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        im.save(tmp)
     return path

@@ -19,7 +19,7 @@ from .data import scan_folder
 from .distributed import Distributed
 from .lora import add_lora, target_patterns
 from .loop import TrainConfig, Trainer
-from .validation import Validation
+from .validation import VALIDATION_STEPS, Validation
 
 
 @dataclass
@@ -49,8 +49,8 @@ class RunOptions:
     resume: bool = False
     validation_prompts: tuple[str, ...] = ()
     validation_seeds: tuple[int, ...] = (0, 1)
-    validation_steps: int = 20
-    validation_cfg: float = 4.0
+    validation_steps: int = VALIDATION_STEPS
+    validation_cfg: float = Validation.cfg
 
 
 def run(opts: RunOptions, log=None) -> Trainer:

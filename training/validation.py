@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,16 +10,21 @@ import torch
 from PIL import Image
 
 import vae as vae_lib
+from mmditx.checkpoint import written_whole
+from sampling.defaults import DEFAULTS
 from sampling.guidance import GuidedDenoiser
 from sampling.samplers import get_sampler
 from sampling.schedule import initial_noise, sigmas
 
 from .cache import CachedDataset
 
+# A preview every N training steps, not a final image: the preset's guidance and shift, fewer steps, Euler.
+VALIDATION_STEPS = 20
+
 
 @torch.no_grad()
-def sample_latents(model, cond, uncond, seeds: list[int], size: tuple[int, int], steps: int = 20, cfg: float = 4.0,
-                   shift: float = 3.0, sampler: str = "euler") -> torch.Tensor:
+def sample_latents(model, cond, uncond, seeds: list[int], size: tuple[int, int], steps: int = VALIDATION_STEPS,
+                   cfg: float = DEFAULTS["cfg"], shift: float = DEFAULTS["shift"], sampler: str = "euler") -> torch.Tensor:
     """(len(seeds), C, h, w) latents for one conditioning (context (1, L, D), pooled (1, P)), the pipeline's
     noise per seed (sampling.schedule.initial_noise) and its samplers."""
     was_training = model.training
@@ -43,9 +47,9 @@ class Validation:
     prompts: list[str]
     seeds: list[int]
     size: tuple[int, int] = (512, 512)        # (width, height)
-    steps: int = 20
-    cfg: float = 4.0
-    shift: float = 3.0
+    steps: int = VALIDATION_STEPS
+    cfg: float = DEFAULTS["cfg"]
+    shift: float = DEFAULTS["shift"]
 
     def images(self, model) -> list[list[Image.Image]]:
         """One row per prompt, one image per seed."""
@@ -66,7 +70,6 @@ class Validation:
                 sheet.paste(im, (c * w, r * h))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial.png")
-        sheet.save(tmp)
-        os.replace(tmp, path)
+        with written_whole(path) as tmp:
+            sheet.save(tmp)
         return path

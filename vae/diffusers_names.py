@@ -63,3 +63,16 @@ def to_diffusers(f, prefix: str = "first_stage_model.") -> RenamedCheckpoint:
     """Our VAE's tensors (keys `prefix + name` in `f`) under diffusers' names."""
     levels = count_indexed(f.keys(), r"decoder\.up\.(\d+)\.", prefix)
     return to_theirs(f, vae_rules(levels), "diffusers VAE", prefix=prefix)
+
+
+def diffusers_vae_kwargs(config) -> dict:
+    """Constructor arguments of diffusers' AutoencoderKL for our VAEConfig (SD3: no quant convs)."""
+    levels = len(config.ch_mult)
+    return dict(
+        in_channels=config.in_channels, out_channels=config.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(config.ch * m for m in config.ch_mult), layers_per_block=config.num_res_blocks,
+        act_fn="silu", latent_channels=config.z_channels, norm_num_groups=32, sample_size=64,
+        scaling_factor=config.scale_factor, shift_factor=config.shift_factor, use_quant_conv=False,
+        use_post_quant_conv=False, mid_block_add_attention=True,
+    )

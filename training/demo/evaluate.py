@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from mmditx.checkpoint import written_whole
+
 from .shapes import (BACKGROUNDS, COLOURS, OUTLINES, POSITIONS, SHAPES, SIZES, CaptionError, Scene,
                      held_out_reasons, parse_caption, random_scene, render)
 
@@ -384,9 +386,8 @@ def write_grid(items: list[Item], path: str | os.PathLike, columns: int = 8, til
         text = ("[held out] " if it.split == "held_out" else "") + it.prompt
         for k, line in enumerate(textwrap.wrap(text, width=tile // 6)[:lines]):
             draw.text((x + 4, y + tile + 8 + k * line_h), line, fill=(0, 0, 0))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        grid.save(tmp, format="PNG")
     return path
 
 

@@ -8,7 +8,6 @@ demo.json; their sum is the rebuild time.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from mmditx.checkpoint import written_whole
 from training.vae import pixels_to_unit
 from vae import image_to_tensor
 
@@ -47,9 +47,8 @@ class DemoOptions:
 
 def write_json(path: Path, value) -> None:
     """Whole or not at all (a temporary file renamed into place): a stopped run re-reads these files."""
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    with written_whole(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=1))
 
 
 # -- stage 1: scenes ---------------------------------------------------------------------------------------
@@ -171,9 +170,9 @@ def caption_check(model, probe, sigmas=(0.8, 0.95, 1.0)) -> dict[float, tuple[fl
 
 
 @torch.no_grad()
-def drawing_check(model, vae, conditioner, per_split: int = 13, steps: int = 20, cfg: float = 4.0) -> dict:
+def drawing_check(model, vae, conditioner, per_split: int = 13) -> dict:
     """Does the model draw what it is asked? One image (seed 0) for each of `per_split` seen and held-out
-    evaluation prompts, sampled with Euler at shift 3, read by the reader: {split: {attribute: [right, asked]}}.
+    evaluation prompts, sampled as training previews are (training.validation), read by the reader: {split: {attribute: [right, asked]}}.
     A caption gap in the loss did not mean drawable scenes (docs/demo_model.md): this is the measure that counts."""
     from training.validation import sample_latents
     from vae import tensor_to_images
@@ -182,7 +181,7 @@ def drawing_check(model, vae, conditioner, per_split: int = 13, steps: int = 20,
     uncond = conditioner.encode([""])
     for split in ("seen", "held_out"):
         for prompt, scene in evaluation_prompts(split, per_combination=1)[:per_split]:
-            z = sample_latents(model, conditioner.encode([prompt]), uncond, [0], (SIZE, SIZE), steps, cfg)
+            z = sample_latents(model, conditioner.encode([prompt]), uncond, [0], (SIZE, SIZE))
             reading = read_image(tensor_to_images(vae.decode(z))[0])
             trials.append(Trial(scene, split, reading, score(reading, scene)))
     return accuracies(trials)

@@ -2,7 +2,7 @@
 memory of the weights per dtype. No weights needed: the model is built on the meta device.
 
     from mmditx import load_config
-    from mmditx.anatomy import report
+    from instruments.anatomy import report
     print(report(load_config("sd3.5_medium"), height=1024, width=1024, batch=2, tokens=154))
 
 FLOPs are counted analytically, for the matrix products only (one multiply-add = 2 FLOPs):
@@ -21,10 +21,10 @@ from torch import nn
 
 from configs import DEFAULT_PRESET, load_sampling_preset
 
-from .blocks import modulation_names
-from .checkpoint import build_on_meta
-from .config import MMDiTXConfig
-from .model import MMDiTX
+from mmditx.blocks import modulation_names
+from mmditx.checkpoint import build_on_meta
+from mmditx.config import MMDiTXConfig
+from mmditx.model import MMDiTX
 
 BYTES_PER_WEIGHT = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 TIMESTEP_FREQ_DIM = 256  # sinusoidal features fed to t_embedder (layers.TimestepEmbedder)

@@ -60,18 +60,6 @@ def watch_diffusers_sd3(ref, rec: Recorder | None = None) -> Recorder:
     return rec
 
 
-def diffusers_sd3_kwargs(config) -> dict:
-    """Constructor arguments of diffusers' SD3Transformer2DModel for our config (diffusers is not imported:
-    the library never depends on it; tests and benchmarks build the oracle with these)."""
-    return dict(
-        sample_size=config.pos_embed_max_size * config.patch_size, patch_size=config.patch_size,
-        in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.depth,
-        attention_head_dim=64, num_attention_heads=config.num_heads, joint_attention_dim=config.context_dim,
-        caption_projection_dim=config.hidden_size, pooled_projection_dim=config.pooled_dim,
-        pos_embed_max_size=config.pos_embed_max_size, dual_attention_layers=tuple(config.dual_attention_blocks),
-        qk_norm="rms_norm" if config.qk_norm else None,
-    )
-
 
 def watch_t5(model, rec: Recorder | None = None) -> Recorder:
     """A T5 encoder's stages in the official naming (ours and transformers' T5EncoderModel alike): the token
@@ -83,19 +71,6 @@ def watch_t5(model, rec: Recorder | None = None) -> Recorder:
         rec.watch(f"block{i}", block, first)
     rec.watch("final_layer_norm", model.get_submodule("encoder.final_layer_norm"))
     return rec
-
-
-def diffusers_vae_kwargs(config) -> dict:
-    """Constructor arguments of diffusers' AutoencoderKL for our VAEConfig (SD3: no quant convs)."""
-    levels = len(config.ch_mult)
-    return dict(
-        in_channels=config.in_channels, out_channels=config.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(config.ch * m for m in config.ch_mult), layers_per_block=config.num_res_blocks,
-        act_fn="silu", latent_channels=config.z_channels, norm_num_groups=32, sample_size=64,
-        scaling_factor=config.scale_factor, shift_factor=config.shift_factor, use_quant_conv=False,
-        use_post_quant_conv=False, mid_block_add_attention=True,
-    )
 
 
 def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:

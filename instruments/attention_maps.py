@@ -11,7 +11,7 @@ Three steps:
      leading/trailing punctuation stripped; it gets every token its chunk was split into (several for long or
      rare words), minus pure-punctuation tokens at its edges. Words past CLIP's 75 tokens keep only their T5
      positions; words past T5's 226 characters only their CLIP positions.
-  2. accumulate. During sampling, `mmditx.tracing.Trace` records the joint-attention probabilities of the
+  2. accumulate. During sampling, `instruments.tracing.Trace` records the joint-attention probabilities of the
      chosen blocks (mean over heads); we keep a running sum of the image->text part for the conditional prompt
      (row 0 of the CFG batch: the pipeline batches [cond ; uncond]) over chosen blocks and steps, skipping the
      extra skip-layer-guidance pass. Nothing per step is kept.
@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from encoders.tokenizers import _UNICODE_SPACE, CLIP_LENGTH, CLIPTokenizer, T5Tokenizer
-from mmditx.tracing import Trace
+from .tracing import Trace
 
 T5_OFFSET = CLIP_LENGTH  # T5 token i sits at context position 77 + i
 
