@@ -185,6 +185,12 @@ def demo_info(root: Path | None = None) -> dict:
     return json.loads(((root or demo_model_dir()) / "demo.json").read_text(encoding="utf-8"))
 
 
+def demo_defaults(info: dict) -> dict:
+    """GenerationParams fields the demo model samples with unless told otherwise: its native size and the
+    settings demo.json's "sampling" records (measured on it: docs/demo_model.md)."""
+    return {"width": info["size"], "height": info["size"], **info.get("sampling", {})}
+
+
 def model_dir_or_demo(model_dir: str | os.PathLike | None, random_weights: bool = False) -> tuple[Path, str]:
     """(folder, kind): `model_dir` ("given"); else the demo model ("demo") when there is one and the random-weight
     set was not asked for, after a notice of what it can draw; else the random-weight set ("random"), after a

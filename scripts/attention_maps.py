@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from mmditx.runtime import tune_for_memory_mode
     from instruments.attention_maps import attention_maps, contact_sheet, overlay, slug, split_words
-    from sampling.embedded import default_t5, demo_info, model_dir_or_demo, model_label
+    from sampling.embedded import default_t5, demo_defaults, demo_info, model_dir_or_demo, model_label
     from sampling.io import prepare_output, progress_callback, save_png
     from sampling.pipeline import GenerationParams, Pipeline
 
@@ -99,17 +99,19 @@ def main(argv=None) -> int:
 
     model_dir, kind = model_dir_or_demo(args.model_dir, args.random_weights)
     if kind == "demo":
-        size = demo_info(model_dir)["size"]
+        defaults = demo_defaults(demo_info(model_dir))
     else:
         size = RANDOM_SIZE if kind == "random" else 1024
+        defaults = {"width": size, "height": size}
     t5 = args.t5 or default_t5(kind)
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"error: --steps must be at least 1, got {args.steps}")
     try:
+        given = dict(width=args.width, height=args.height, steps=args.steps, cfg=args.cfg, shift=args.shift,
+                     sampler=args.sampler, seed=args.seed, slg=args.slg)
         params = GenerationParams.from_preset(
             args.preset, prompt=args.prompt, negative_prompt=args.negative or "",
-            width=size if args.width is None else args.width, height=size if args.height is None else args.height,
-            steps=args.steps, cfg=args.cfg, shift=args.shift, sampler=args.sampler, seed=args.seed, slg=args.slg)
+            **defaults | {k: v for k, v in given.items() if v is not None})
     except ValueError as e:   # a value out of its range (GenerationParams' field table names it)
         raise SystemExit(f"error: {e}") from None
 

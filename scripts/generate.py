@@ -235,9 +235,9 @@ def run_settings(args, stored, demo: bool):
     return t5, dtype, device
 
 
-def build_params(args, prompt: str | None, stored, native_size: int | None = None):
+def build_params(args, prompt: str | None, stored, model_defaults: dict | None = None):
     """The parameters of one prompt: the preset's (or the stored ones with --reproduce), then the command line's;
-    native_size (the demo model's) in place of the preset's size."""
+    model_defaults (the demo model's native size and sampling settings) in place of the preset's."""
     from sampling.pipeline import GenerationParams
 
     overrides = {"negative_prompt": args.negative_prompt, "width": args.width, "height": args.height,
@@ -257,8 +257,8 @@ def build_params(args, prompt: str | None, stored, native_size: int | None = Non
         return GenerationParams(**{**base, **overrides})
     if "init_image" in overrides and "denoise" not in overrides:
         overrides["denoise"] = 0.6
-    if native_size is not None:
-        overrides = {"width": native_size, "height": native_size} | overrides
+    if model_defaults:
+        overrides = model_defaults | overrides
     return GenerationParams.from_preset(args.preset, prompt=prompt, **overrides)
 
 
@@ -295,7 +295,7 @@ def run(argv=None) -> int:
     if args.tokenizers is not None and args.model is None:
         raise ValueError("--tokenizers goes with --model FILE (a model directory holds its own tokenizers)")
     from mmditx.runtime import tune_for_memory_mode
-    from sampling.embedded import demo_available, demo_info, model_dir_or_demo, model_label
+    from sampling.embedded import demo_available, demo_defaults, demo_info, model_dir_or_demo, model_label
     from sampling.io import prepare_output, progress_callback, save_png
     from mmditx import read_config
     from mmditx.checkpoint import parse_device
@@ -315,8 +315,8 @@ def run(argv=None) -> int:
     t5, dtype, device = run_settings(args, stored_run, demo)
     loras = lora_specs(args, stored_run)
     parse_device(device)
-    native = demo_info()["size"] if demo and stored is None else None
-    jobs = [build_params(args, prompt, stored, native) for prompt in read_prompts(args)]
+    model_defaults = demo_defaults(demo_info()) if demo and stored is None else None
+    jobs = [build_params(args, prompt, stored, model_defaults) for prompt in read_prompts(args)]
     controls = control_specs(args)
     out_dir, out_file = prepare_output(args.out)
     # The whole job, image by image in a fixed order, and every image's file name, decided before sampling.

@@ -42,6 +42,7 @@ class DemoOptions:
     sigma_sampling: str = "uniform"  # how training draws noise levels (training.objective); see train_transformer
     shift: float = 3.0              # applied to the drawn sigmas; see train_transformer
     check_every: int = 250          # steps between caption checks (see caption_check)
+    draw_prompts: int = 13          # prompts per split sampled and read at each check (see drawing_check)
     checks: int = 300               # new scenes (beyond the training ones) the VAE gate reads back
 
 
@@ -223,7 +224,7 @@ def train_transformer(latents, captions, vae, model_dir: Path, opts: DemoOptions
         check = caption_check(model, probe)
         log(f"transformer step {trainer.step}: loss with right / shuffled captions "
             + ", ".join(f"sigma {s}: {r:.4f} / {w:.4f}" for s, (r, w) in check.items()))
-        drawn = drawing_check(model, vae, conditioner)
+        drawn = drawing_check(model, vae, conditioner, opts.draw_prompts)
         log(f"transformer step {trainer.step}: the reader on sampled prompts\n{format_table(drawn)}")
         checks[str(trainer.step)] = {**{str(s): v for s, v in check.items()}, "drawn": drawn}
         write_json(checks_file, checks)
