@@ -71,6 +71,35 @@ def test_loss_is_the_rectified_flow_formula():
     assert 0 <= top <= 12 and 0 <= left <= 12
 
 
+def test_masked_loss_is_the_weighted_mean_over_positions():
+    """`where` weights latent positions: uniform weights give the plain loss; zero weight on a region leaves
+    the loss blind to errors there; otherwise each sample's error is sum(w * e) / sum(w) (kohya's masked loss)."""
+    class Shift(torch.nn.Module):
+        config = type("C", (), {"patch_size": 2, "pos_embed_max_size": 16})()
+
+        def forward(self, x, t, context, y, pos_offset=None):
+            return x + bump
+
+    x0 = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    obj = Objective(random_pos_crop=False)
+    d = draw(obj, Shift.config, x0.shape, torch.Generator().manual_seed(2))
+    ctx, y = torch.zeros(2, 5, 8), torch.zeros(2, 4)
+    bump = torch.zeros(1, 1, 8, 8)
+    plain = flow_matching_loss(Shift(), obj, x0, ctx, y, d)
+    assert torch.allclose(flow_matching_loss(Shift(), obj, x0, ctx, y, d, torch.full((2, 1, 8, 8), 3.0)), plain)
+    where = torch.ones(2, 1, 8, 8)
+    where[:, :, :4] = 0                                 # the top half does not count
+    masked = flow_matching_loss(Shift(), obj, x0, ctx, y, d, where)
+    bump[..., :4, :] = 10.0                             # a huge error there changes nothing
+    assert torch.allclose(flow_matching_loss(Shift(), obj, x0, ctx, y, d, where), masked)
+    bump.zero_()
+    where = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    s = d.sigmas.view(-1, 1, 1, 1)
+    e = (x0 * (1 - s) + d.noise * s - (d.noise - x0)) ** 2
+    ref = ((e * where).sum((1, 2, 3)) / (where.expand_as(e)).sum((1, 2, 3))).mean()
+    assert torch.allclose(flow_matching_loss(Shift(), obj, x0, ctx, y, d, where), ref, rtol=1e-6)
+
+
 def test_caption_dropout_per_encoder():
     layout = ConditioningLayout(clip_l_width=3, clip_g_width=5, clip_tokens=4)
     context, pooled = torch.ones(2, 7, 10), torch.ones(2, 8)

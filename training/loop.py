@@ -133,18 +133,21 @@ class Trainer:
 
     # -- one optimizer step -----------------------------------------------------------------------------
     def micro_batch(self, k: int):
-        """Global micro-batch k: (x0, context, pooled, draw), randomness from (seed, k); then this process's shard."""
+        """Global micro-batch k: (x0, context, pooled, draw, where), randomness from (seed, k); then this process's
+        shard. `where`: the loss weights of the latent positions when the dataset gives them, else None."""
         cfg = self.config
         g = torch.Generator().manual_seed(hash_seed(cfg.seed, k))
         indices = self.order.batch(k)
         flips = [bool(torch.rand(1, generator=g) < 0.5) and self.dataset.flip for _ in indices]
-        x0, context, pooled = self.dataset.batch(indices, flips)
+        x0, context, pooled, *where = self.dataset.batch(indices, flips)
+        where = where[0] if where else None
         context, pooled = drop_captions(context, pooled, cfg.caption_dropout, self.dataset.layout, g)
         d = draw(cfg.objective, self.model.config, x0.shape, g)
         b = cfg.batch_size // self.dist.world
         lo, hi = self.dist.rank * b, (self.dist.rank + 1) * b
         dev = self.device
-        return x0[lo:hi].to(dev), context[lo:hi].to(dev), pooled[lo:hi].to(dev), d.shard(lo, hi)
+        where = where[lo:hi].to(dev) if where is not None else None
+        return x0[lo:hi].to(dev), context[lo:hi].to(dev), pooled[lo:hi].to(dev), d.shard(lo, hi), where
 
     def train_step(self) -> float:
         cfg = self.config
@@ -152,11 +155,11 @@ class Trainer:
         total = 0.0
         for m in range(cfg.grad_accum):
             k = self.step * cfg.grad_accum + m
-            x0, context, pooled, d = self.micro_batch(k)
+            x0, context, pooled, d, where = self.micro_batch(k)
             torch.manual_seed(hash_seed(cfg.seed, k, self.dist.rank))  # LoRA dropout
             last = m == cfg.grad_accum - 1
             with (nullcontext() if last else self.dist.no_sync(self.net)), self.autocast():
-                loss = flow_matching_loss(self.net, cfg.objective, x0, context, pooled, d)
+                loss = flow_matching_loss(self.net, cfg.objective, x0, context, pooled, d, where)
             (loss / cfg.grad_accum).backward()
             total += loss.item() / cfg.grad_accum
         if cfg.grad_clip is not None:

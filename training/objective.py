@@ -110,12 +110,19 @@ def draw(objective: Objective, model_config, x0_shape, generator: torch.Generato
 
 
 def flow_matching_loss(model, objective: Objective, x0: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
-                       d: Draw) -> torch.Tensor:
-    """The weighted mean squared velocity error of `model` on model-space latents x0 (B, C, h, w)."""
+                       d: Draw, where: torch.Tensor | None = None) -> torch.Tensor:
+    """The weighted mean squared velocity error of `model` on model-space latents x0 (B, C, h, w).
+    where: optional (B, 1, h, w) weights of the latent positions (a masked loss, as kohya's `--masked_loss`):
+    each sample's error is their weighted mean."""
     x0 = x0.float()
     sigmas, noise = d.sigmas.to(x0.device), d.noise.to(x0.device)
     pred = model(noisy_latent(x0, noise, sigmas), sigmas * 1000, context, y, pos_offset=d.offset)
-    per_sample = F.mse_loss(pred.float(), noise - x0, reduction="none").flatten(1).mean(1)
+    error = F.mse_loss(pred.float(), noise - x0, reduction="none")                 # (B, C, h, w)
+    if where is None:
+        per_sample = error.flatten(1).mean(1)
+    else:
+        where = where.to(error).expand_as(error)
+        per_sample = (error * where).flatten(1).sum(1) / where.flatten(1).sum(1)
     return (loss_weight(objective.weighting, sigmas) * per_sample).mean()
 
 
