@@ -17,7 +17,8 @@ from mmditx import read_config
 from mmditx.lora import LoraError, LoraFactor, merge_lora, random_lora_factors, read_lora, save_lora
 from sampling.io import read_png_params
 from tests.test_generate_cli import random_weights
-from tests.test_encoders_common import CLIP_L_HF, clip_ids, clip_l_file, clip_oracle
+from tests.test_encoders_common import (CLIP_G_HF, CLIP_L_HF, clip_g_file, clip_ids, clip_l_file, clip_oracle,
+                                        t5_oracle, t5_small_file)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,23 +123,41 @@ def test_pipeline_refuses_a_lora_for_another_model_before_loading(tmp_path):
         Pipeline.from_model_dir(root, memory="sequential", loras=[(path, 1.0)])
 
 
-# -- text encoders: our CLIP-L with a merged LoRA against transformers' CLIP with peft's LoRA layers ---------
+# -- text encoders: our CLIP-L / CLIP-G / T5 with a merged LoRA against transformers with peft's LoRA layers --
 
-@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
-def test_clip_l_lora_against_peft(tmp_path, fmt):
-    peft = pytest.importorskip("peft")
-    path = clip_l_file()
-    ours = encoders.load_clip_l(path)
-    ref = clip_oracle(path, **CLIP_L_HF)
-    targets = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+T5_TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]     # attention and the gated feed-forward
+KOHYA_PREFIX = {"clip_l": "lora_te1", "clip_g": "lora_te2", "t5": "lora_te3"}
+DIFFUSERS_PREFIX = {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5": "text_encoder_3"}
+
+
+def te_lora(tmp_path, ours, te: str, targets: list[str], fmt: str):
+    """Random rank-4 factors on `ours`' linears named in `targets` (alpha 2, none (= rank) or 8 in turn), written
+    in `fmt` as the `te` text-encoder part of a LoRA file and read back: (our factors, the factors read)."""
     factors = random_lora_factors(ours, rank=4, seed=1, magnitude=0.05,
                                   include=lambda n: n.rsplit(".", 1)[-1] in targets)
+    assert len(factors) > len(targets)
     for i, f in enumerate(factors.values()):
         f.alpha = (2.0, None, 8.0)[i % 3]
-    lora = read_lora(save_lora(tmp_path / "te.safetensors", {}, format=fmt, text_encoders={"clip_l": factors}))
-    assert lora.format == fmt and set(lora.text_encoders["clip_l"]) == set(factors)
+    path = save_lora(tmp_path / "te.safetensors", {}, format=fmt, text_encoders={te: factors})
+    # the names on disk are those of the other tools (kohya sd-scripts' lora_sd3.py, diffusers' SD3 LoRA loader):
+    # their prefix, then the transformers module path, '.' -> '_' for kohya
+    prefix = {"kohya": KOHYA_PREFIX, "diffusers": DIFFUSERS_PREFIX}[fmt][te]
+    sep, down = ("_", "lora_down") if fmt == "kohya" else (".", "lora_A")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert all(k.startswith(prefix + sep) for k in keys)
+    assert {f"{prefix}{sep}{n.replace('.', sep)}.{down}.weight" for n in factors} <= keys
+    lora = read_lora(path)
+    assert lora.format == fmt and set(lora.text_encoders) == {te} and set(lora.text_encoders[te]) == set(factors)
+    return factors, lora.text_encoders[te]
 
-    # the oracle: peft's LoRA layers in transformers' model, each with its own rank and alpha, scale 0.6
+
+def peft_oracle(ref, factors, targets: list[str], strength: float):
+    """transformers' `ref` with peft's LoRA layers holding `factors`, each with its own rank and alpha, scaled
+    by `strength`."""
+    import peft
     config = peft.LoraConfig(r=4, lora_alpha=4, target_modules=targets,
                              alpha_pattern={f"^{n}": (f.alpha or f.rank) for n, f in factors.items()})
     ref = peft.inject_adapter_in_model(config, ref)
@@ -147,16 +166,79 @@ def test_clip_l_lora_against_peft(tmp_path, fmt):
         state[f"{n}.lora_A.weight"], state[f"{n}.lora_B.weight"] = f.down, f.up
     missing = peft.set_peft_model_state_dict(ref, state)
     assert not missing.unexpected_keys
-    for m in ref.modules():
-        if hasattr(m, "scaling") and "default" in m.scaling:
-            m.scaling["default"] *= 0.6
+    layers = [m for m in ref.modules() if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling]
+    assert len(layers) == len(factors)                       # peft adapted exactly the layers of the file
+    for m in layers:
+        m.scaling["default"] *= strength
+    return ref
 
-    ids = clip_ids(2, seed=0, pad=49407)
+
+def weights_copy(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same_bits(model, saved: dict[str, torch.Tensor]):
+    now = dict(model.named_parameters())
+    assert set(now) == set(saved)
+    for n, p in now.items():
+        assert p.dtype == saved[n].dtype and torch.equal(p.view(torch.int32), saved[n].view(torch.int32)), n
+
+
+def close(got, want, tol=1e-4):
+    return (got - want).abs().max() <= tol * want.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+@pytest.mark.parametrize("te", ["clip_l", "clip_g"])
+def test_clip_lora_against_peft(tmp_path, te, fmt):
+    """CLIP-L (kohya lora_te1_, diffusers text_encoder.) and CLIP-G (lora_te2_, text_encoder_2.; its pooled
+    output goes through text_projection, which the LoRA adapts too): hidden states and pooled outputs."""
+    pytest.importorskip("peft")
+    if te == "clip_l":
+        path, load, hf, pad, targets = clip_l_file(), encoders.load_clip_l, CLIP_L_HF, 49407, CLIP_TARGETS
+    else:
+        path, load, hf, pad, targets = clip_g_file(), encoders.load_clip_g, CLIP_G_HF, 0, [*CLIP_TARGETS,
+                                                                                           "text_projection"]
+    ours = load(path)
+    factors, read = te_lora(tmp_path, ours, te, targets, fmt)
+    ref = peft_oracle(clip_oracle(path, **hf), factors, targets, 0.6)
+
+    ids = clip_ids(2, seed=0, pad=pad)
+    original = weights_copy(ours)
     with torch.no_grad():
-        before = ours(ids)[0]
-        handle = merge_lora(ours, lora.text_encoders["clip_l"], 0.6)
-        hidden, _ = ours(ids)
-        want = ref(ids, output_hidden_states=True).hidden_states[-2]
-    assert (hidden - before).abs().max() > 1e-3
-    assert (hidden - want).abs().max() <= 1e-4 * want.abs().max()
+        before, pooled_before = ours(ids)
+        handle = merge_lora(ours, read, 0.6)
+        hidden, pooled = ours(ids)
+        out = ref(ids, output_hidden_states=True)
+        # SD3's pooled: CLIP-G's projected (text_embeds), CLIP-L's not (the pooler output)
+        want_pooled = out.text_embeds if te == "clip_g" else ref.text_model(ids).pooler_output
+    want = out.hidden_states[-2]
+    assert (hidden - before).abs().max() > 1e-3 and (pooled - pooled_before).abs().max() > 1e-3
+    assert close(hidden, want) and close(pooled, want_pooled)
     handle.remove()
+    assert_same_bits(ours, original)
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_t5_lora_against_peft(tmp_path, fmt):
+    """T5 (kohya lora_te3_, diffusers text_encoder_3.): q, k, v, o and the gated feed-forward wi_0, wi_1, wo
+    of all 3 blocks of the width-4096 test T5, fp32 weights; the final hidden states against transformers'
+    T5EncoderModel with peft's LoRA layers."""
+    pytest.importorskip("peft")
+    path = t5_small_file()
+    ours = encoders.load_t5(path, weight_dtype="fp32")
+    factors, read = te_lora(tmp_path, ours, "t5", T5_TARGETS, fmt)
+    assert len(factors) == 7 * ours.config.blocks
+    ref = peft_oracle(t5_oracle(path), factors, T5_TARGETS, 0.6)
+
+    ids = torch.randint(0, ours.config.vocab_size, (2, 77), generator=torch.Generator().manual_seed(0))
+    original = weights_copy(ours)
+    with torch.no_grad():
+        before = ours(ids)
+        handle = merge_lora(ours, read, 0.6)
+        hidden = ours(ids)
+        want = ref(ids).last_hidden_state
+    assert (hidden - before).abs().max() > 1e-3 * before.abs().max()
+    assert close(hidden, want)
+    handle.remove()
+    assert_same_bits(ours, original)
