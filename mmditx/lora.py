@@ -597,6 +597,8 @@ def merge_lora(module: torch.nn.Module, factors: Mapping[str, LoraFactor], stren
     A module whose weights are streamed (mmditx.streaming, the frugal memory mode) keeps its stored weights:
     the delta is added to each converted copy just before the block runs (same bits as merged).
     Unknown paths or wrong shapes: LoraError listing them; strict=False skips them with a warning.
+    A layer with a `weight_scale` (scaled fp8, encoders.t5.CastLinear: the true weight is the stored one times
+    it) gets delta / weight_scale added to the stored weight, so that the true weight changes by the delta.
     restorable=False merges with one product per weight and keeps nothing for `.remove()` (which then
     refuses): for runs that never take a LoRA off (the pipeline)."""
     import warnings
@@ -604,6 +606,7 @@ def merge_lora(module: torch.nn.Module, factors: Mapping[str, LoraFactor], stren
     from .streaming import weight_adjustments
     strength = float(strength)
     params = dict(module.named_parameters())
+    modules = dict(module.named_modules())
     bad = []
     for name, f in factors.items():
         w = params.get(name + ".weight")
@@ -624,6 +627,9 @@ def merge_lora(module: torch.nn.Module, factors: Mapping[str, LoraFactor], stren
             w = params.get(name + ".weight")
             if w is None or (w.shape[0], w[0].numel()) != f.shape:
                 continue
+            scale = getattr(modules.get(name), "weight_scale", None)
+            if scale is not None:   # in the stored weight's units (one fp32 division of up; remove() uses the same)
+                f = LoraFactor(f.down, f.up.float() / float(scale), f.alpha)
             if adjust is not None:
                 fn = _StreamedDelta(f, strength)
                 adjust.setdefault(w, []).append(fn)

@@ -181,7 +181,8 @@ def assert_same_bits(model, saved: dict[str, torch.Tensor]):
     now = dict(model.named_parameters())
     assert set(now) == set(saved)
     for n, p in now.items():
-        assert p.dtype == saved[n].dtype and torch.equal(p.view(torch.int32), saved[n].view(torch.int32)), n
+        bits = {1: torch.int8, 2: torch.int16, 4: torch.int32}[p.element_size()]
+        assert p.dtype == saved[n].dtype and torch.equal(p.view(bits), saved[n].view(bits)), n
 
 
 def close(got, want, tol=1e-4):
@@ -240,5 +241,34 @@ def test_t5_lora_against_peft(tmp_path, fmt):
         want = ref(ids).last_hidden_state
     assert (hidden - before).abs().max() > 1e-3 * before.abs().max()
     assert close(hidden, want)
+    handle.remove()
+    assert_same_bits(ours, original)
+
+
+def test_t5_lora_on_scaled_fp8_weights(tmp_path):
+    """ComfyUI's scaled fp8 T5 (sd3.5_*_incl_clips_t5xxlfp8scaled): each linear layer's true weight is its fp8
+    value times `weight_scale`. A merged LoRA must change the true weight by the delta (in stored units: delta /
+    weight_scale), within one fp8 rounding of the sum (e4m3: 2^-4 relative, 2^-10 * weight_scale in the
+    subnormal range; the conversion saturates at +-448); remove() gives back the fp8 bits."""
+    from safetensors.torch import load_file
+
+    from mmditx.checkpoint import save_safetensors
+    from tests.test_model_formats import scaled_fp8
+
+    path = tmp_path / "t5xxl_fp8_scaled.safetensors"
+    save_safetensors(scaled_fp8(load_file(str(t5_small_file()))), path)
+    ours = encoders.load_t5(path)
+    factors, read = te_lora(tmp_path, ours, "t5", T5_TARGETS, "kohya")
+    original = weights_copy(ours)
+    handle = merge_lora(ours, read, 0.6)
+    for n, f in read.items():
+        layer = ours.get_submodule(n)
+        assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale is not None
+        scale = layer.weight_scale.float()
+        want = original[n + ".weight"].float() * scale + f.delta(0.6)
+        want = want.clamp(-448 * scale, 448 * scale)
+        got = layer.weight.float() * scale
+        assert ((got - want).abs() <= 2**-4 * want.abs() + 2**-10 * scale).all(), n
+        assert (got - original[n + ".weight"].float() * scale).abs().max() > 0.5 * f.delta(0.6).abs().max(), n
     handle.remove()
     assert_same_bits(ours, original)
