@@ -4,6 +4,7 @@
     python scripts/train.py --data examples/shapes --out runs/lora --resolution 256 --steps 100
     python scripts/train.py --data DIR --model-dir ~/models/sd3.5_medium --out runs/full --full --lr 1e-5
     torchrun --nproc_per_node=2 scripts/train.py --data DIR --out runs/ddp --batch-size 4
+    torchrun --nproc_per_node=4 scripts/train.py --data DIR --model-dir DIR --out runs/fsdp --full --fsdp ...
     python scripts/train.py --data DIR --out runs/lora --steps 200 --resume      # continue a run
 
 Data: name.png|jpg|webp + name.txt captions, or metadata.jsonl (file_name, text). Without --model-dir the
@@ -47,6 +48,8 @@ def parse_args(argv=None):
     d.add_argument("--t5", choices=["fp16", "fp8", "off"], default="fp16")
     m = p.add_argument_group("what to train")
     m.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    m.add_argument("--fsdp", action="store_true",
+                   help="with --full under torchrun: shard weights, gradients and Adam state over the processes")
     m.add_argument("--from-scratch", action="store_true", help="initialise the transformer (sin-cos, adaLN-Zero)")
     m.add_argument("--lora-rank", type=int, default=16)
     m.add_argument("--lora-alpha", type=float, default=None, help="default: the rank (scale 1)")
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
         from training.cache import CacheOptions
         opts = RunOptions(args.data, model_dir, args.out, train, lora, args.resolution, args.max_ratio,
                           args.on_error, CacheOptions(args.crop, args.flip, args.seed), args.t5, args.device,
-                          args.from_scratch, args.resume, tuple(args.validation_prompt),
+                          args.fsdp, args.from_scratch, args.resume, tuple(args.validation_prompt),
                           tuple(int(s) for s in args.validation_seeds.split(",")),
                           **{k: v for k, v in (("validation_steps", args.validation_steps),
                                                ("validation_cfg", args.validation_cfg)) if v is not None})

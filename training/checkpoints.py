@@ -25,14 +25,15 @@ LINKED = ("text_encoders", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 def save_full_checkpoint(model, base_file: str | Path, folder: str | Path, file_name: str = "sd3.5_medium.safetensors",
-                         dtype: torch.dtype = torch.float16) -> Path:
+                         dtype: torch.dtype = torch.float16, state_dict: dict | None = None) -> Path:
     """The model's weights (adapters merged into a copy of each adapted weight) under the official names, plus
-    the base file's VAE, in `dtype`; links to the base directory's text encoders and tokenizers."""
+    the base file's VAE, in `dtype`; links to the base directory's text encoders and tokenizers.
+    state_dict: the model's, when the model does not hold it whole (FSDP: gathered from the shards)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     adapters = lora_modules(model)
     weights = {}
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state_dict is None else state_dict).items():
         if ".lora_" in name:
             continue
         module = name.rpartition(".")[0].removesuffix(".base")
@@ -76,4 +77,5 @@ def load_state(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no training state to resume from (written as RUN/state.pt by a run)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    # mmap: the processes of one machine share the file's pages instead of each reading a copy into memory
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)

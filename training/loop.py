@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warm-up then constant or cosine LR, clipping, accumulation, optional EMA, DDP.
+"""The training loop: AdamW, warm-up then constant or cosine LR, clipping, accumulation, optional EMA, DDP or FSDP.
 
 Every random choice of optimizer step `s`, micro-batch `m` comes from a generator seeded with (seed, s, m):
 the data order, flips, caption dropout, noise levels, noise and the positional crop. So a run resumed from a
@@ -114,13 +114,13 @@ class Trainer:
             raise ValueError(f"the global batch size {config.batch_size} must be a multiple of the number of "
                              f"processes {self.dist.world} (each takes an equal shard)")
         self.device = self.dist.device
-        self.model = model.to(self.device)
-        self.model.gradient_checkpointing = config.gradient_checkpointing
-        self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not self.trainable:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters: add LoRA adapters (training.lora.add_lora) "
                              "or call model.requires_grad_(True) for full fine-tuning")
-        self.net = self.dist.wrap(self.model)
+        model.gradient_checkpointing = config.gradient_checkpointing
+        self.net = self.dist.wrap(model)
+        self.model = model           # on the device; under FSDP its parameters are this process's shards
+        self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=config.lr, betas=config.betas,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
@@ -211,15 +211,20 @@ class Trainer:
         return self.history
 
     def validate(self) -> Path | None:
-        if not self.dist.is_main:
+        """Process 0 samples the grid; under FSDP every process samples (each forward gathers the shards)."""
+        if not (self.dist.is_main or self.dist.fsdp):
             return None
         path = self.run_dir / "validation" / f"step_{self.step:06d}.png"
-        self.validation.grid(self.model, path)
-        return path
+        written = self.validation.grid(self.model, path, write=self.dist.is_main)
+        if self.dist.fsdp:
+            self.net.reshard()      # FSDP keeps the root gathered after a forward, for the backward that follows
+        return written
 
     def save(self) -> None:
-        """Checkpoint (full weights and/or LoRA file), training state, loss curve; process 0 only."""
+        """Checkpoint (full weights and/or LoRA file), training state, loss curve: every process takes part
+        (FSDP gathers the shards), process 0 writes."""
         self.dist.barrier()
+        state = self.state_dict()
         if not self.dist.is_main:
             return
         name = f"step_{self.step:06d}"
@@ -228,17 +233,22 @@ class Trainer:
             save_lora_file(self.model, self.run_dir / "lora" / f"{name}.safetensors", self.config.lora_format,
                            metadata={"step": self.step})
         if self.base_file is not None and (self.config.full_checkpoints or not is_lora):
-            save_full_checkpoint(self.model, self.base_file, self.run_dir / "checkpoints" / name)
-        save_state(self.state_dict(), self.run_dir / "state.pt")
+            whole = state["trainable"] if self.dist.fsdp else None   # FSDP trains every weight: gathered above
+            save_full_checkpoint(self.model, self.base_file, self.run_dir / "checkpoints" / name, state_dict=whole)
+        save_state(state, self.run_dir / "state.pt")
         history = [json.loads(line) for line in (self.run_dir / "log.jsonl").read_text().splitlines() if line]
         loss_curve_png(history, self.run_dir / "loss.png")
 
     # -- resuming ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Whole tensors on process 0 (FSDP: gathered, so every process calls this; the others get none)."""
+        names = [n for n, _ in self.trainable]
         return {"step": self.step, "config": self.config.to_dict(),
-                "trainable": {n: p.detach().cpu().clone() for n, p in self.trainable},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "ema": self.ema, "data": {"micro_batches_done": self.step * self.config.grad_accum}}
+                "trainable": self.dist.gather(dict(self.trainable)),
+                "optimizer": self.dist.optimizer_state(self.net, self.optimizer, names),
+                "scheduler": self.scheduler.state_dict(),
+                "ema": None if self.ema is None else self.dist.gather(self.ema),
+                "data": {"micro_batches_done": self.step * self.config.grad_accum}}
 
     def load_state_dict(self, state: dict) -> None:
         free = {"steps", "save_every", "validate_every", "full_checkpoints", "lora_format"}  # may change on resume
@@ -247,16 +257,17 @@ class Trainer:
         if changed:
             raise ValueError(f"resume with the options of the original run: {', '.join(changed)} differ "
                              f"(saved {[saved.get(k) for k in changed]}, now {[now[k] for k in changed]})")
-        names = {n for n, _ in self.trainable}
-        if set(state["trainable"]) != names:
+        names = [n for n, _ in self.trainable]
+        if set(state["trainable"]) != set(names):
             raise ValueError("the saved state trains different parameters than this run (LoRA targets or rank "
                              "changed?): resume with the options of the original run")
         with torch.no_grad():
             for n, p in self.trainable:
-                p.copy_(state["trainable"][n])
-        self.optimizer.load_state_dict(state["optimizer"])
+                p.copy_(self.dist.place(state["trainable"][n], p))
+        self.dist.load_optimizer_state(self.net, self.optimizer, state["optimizer"], names)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.ema = state["ema"]
+        if state["ema"] is not None:
+            self.ema = {n: self.dist.place(state["ema"][n], p) for n, p in self.trainable}
         self.step = state["step"]
 
     def resume(self, path: str | Path) -> None:

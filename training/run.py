@@ -45,6 +45,7 @@ class RunOptions:
     cache: CacheOptions = field(default_factory=CacheOptions)
     t5: str = "fp16"
     device: str = "cpu"
+    fsdp: bool = False                    # under torchrun, full fine-tuning: shard the model over the processes
     from_scratch: bool = False            # initialise the transformer (mmditx.init) instead of using its weights
     resume: bool = False
     validation_prompts: tuple[str, ...] = ()
@@ -56,7 +57,10 @@ class RunOptions:
 def run(opts: RunOptions, log=None) -> Trainer:
     from sampling.pipeline import ModelFiles
 
-    dist = Distributed.from_environment(opts.device)
+    if opts.fsdp and opts.lora is not None:
+        raise ValueError("--fsdp is for full fine-tuning: add --full (LoRA's few trainable parameters gain nothing "
+                         "from sharding: train LoRA without --fsdp)")
+    dist = Distributed.from_environment(opts.device, fsdp=opts.fsdp)
     say = (log or (lambda m: print(m, file=sys.stderr))) if dist.is_main else (lambda m: None)
     files = ModelFiles.from_dir(opts.model_dir, t5=opts.t5)
     examples, report = scan_folder(opts.data, opts.resolution, opts.max_ratio, opts.on_error)
@@ -73,7 +77,8 @@ def run(opts: RunOptions, log=None) -> Trainer:
                              log=lambda m: None)
     dataset = CachedDataset(folder)
 
-    model = load_mmditx(files.model, device=dist.device, dtype=torch.float32)
+    # FSDP: on the CPU first; sharding moves one block at a time to the device
+    model = load_mmditx(files.model, device="cpu" if dist.fsdp else dist.device, dtype=torch.float32)
     if opts.from_scratch:
         from mmditx.init import init_weights
         init_weights(model, seed=opts.train.seed)
@@ -94,6 +99,10 @@ def run(opts: RunOptions, log=None) -> Trainer:
                                 list(opts.validation_seeds), (side, side), opts.validation_steps,
                                 opts.validation_cfg)
     trainer = Trainer(model, dataset, opts.train, opts.out, base_file=files.model, dist=dist, validation=validation)
+    if dist.fsdp:
+        held = sum(p.to_local().numel() for p in model.parameters())
+        say(f"FSDP over {dist.world} processes: process 0 holds {held:,} of the "
+            f"{sum(p.numel() for p in model.parameters()):,} parameters")
     if opts.resume:
         trainer.resume(opts.out / "state.pt")
         say(f"resumed at step {trainer.step}")

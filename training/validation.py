@@ -51,18 +51,25 @@ class Validation:
     cfg: float = DEFAULTS["cfg"]
     shift: float = DEFAULTS["shift"]
 
-    def images(self, model) -> list[list[Image.Image]]:
+    def latents(self, model) -> list[torch.Tensor]:
+        """One (seeds, C, h, w) tensor per prompt."""
+        return [sample_latents(model, self.dataset.text(p), self.dataset.text(""), self.seeds, self.size,
+                               self.steps, self.cfg, self.shift) for p in self.prompts]
+
+    def images(self, latents: list[torch.Tensor]) -> list[list[Image.Image]]:
         """One row per prompt, one image per seed."""
-        latents = [sample_latents(model, self.dataset.text(p), self.dataset.text(""), self.seeds, self.size,
-                                  self.steps, self.cfg, self.shift) for p in self.prompts]
-        ae = vae_lib.load_vae(self.vae_file, device=model.pos_embed.device)
+        ae = vae_lib.load_vae(self.vae_file, device=latents[0].device)
         rows = [vae_lib.tensor_to_images(ae.decode(z)) for z in latents]
         del ae
         gc.collect()
         return rows
 
-    def grid(self, model, path: str | Path) -> Path:
-        rows = self.images(model)
+    def grid(self, model, path: str | Path, write: bool = True) -> Path | None:
+        """write=False: sample only (FSDP's other processes, whose shards every forward of the sampling needs)."""
+        latents = self.latents(model)
+        if not write:
+            return None
+        rows = self.images(latents)
         w, h = rows[0][0].size
         sheet = Image.new("RGB", (w * len(self.seeds), h * len(rows)), "white")
         for r, row in enumerate(rows):
