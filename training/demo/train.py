@@ -34,7 +34,7 @@ class DemoOptions:
     vae_steps: int = 1100
     vae_batch: int = 8
     vae_crop: int = 64              # the VAE trains on random crops: 4x cheaper, and it is convolutional
-    steps: int = 2200
+    steps: int = 2400
     batch_size: int = 32
     lr: float = 4e-4
     warmup_steps: int = 100
