@@ -96,9 +96,7 @@ def random_checkpoint(cache: Path, stored: str) -> Path:
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
         print(f"writing {path} (once) ...", flush=True)
-        tmp = path.with_suffix(".partial")
-        write_random_checkpoint(official_layout("sd3.5_medium"), tmp, dtype=parse_dtype(stored))
-        tmp.rename(path)
+        write_random_checkpoint(official_layout("sd3.5_medium"), path, dtype=parse_dtype(stored))  # whole or not at all
     return path
 
 

@@ -19,7 +19,7 @@ from .data import scan_folder
 from .distributed import Distributed
 from .lora import add_lora, target_patterns
 from .loop import TrainConfig, Trainer
-from .validation import VALIDATION_STEPS, Validation
+from .validation import Validation
 
 
 @dataclass
@@ -50,7 +50,7 @@ class RunOptions:
     resume: bool = False
     validation_prompts: tuple[str, ...] = ()
     validation_seeds: tuple[int, ...] = (0, 1)
-    validation_steps: int = VALIDATION_STEPS
+    validation_steps: int = Validation.steps
     validation_cfg: float = Validation.cfg
 
 
