@@ -36,6 +36,7 @@ def main(argv=None) -> int:
 
     from encoders import TextConditioner
     from mmditx import load_mmditx
+    from mmditx.runtime import keep_freed_memory
     from sampling.control import canny_edges
     from sampling.embedded import demo_model_dir
     from sampling.pipeline import GenerationParams, ModelFiles, Pipeline
@@ -45,6 +46,7 @@ def main(argv=None) -> int:
     from training.demo.train import encode_latents, render_scenes
     from vae import load_vae
 
+    keep_freed_memory()   # reuse freed activations instead of faulting fresh pages in every step (train_demo.py)
     say = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     model_dir = args.model_dir or demo_model_dir()
     files = ModelFiles.from_dir(model_dir, t5="off")

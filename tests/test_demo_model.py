@@ -47,6 +47,7 @@ def test_train_demo_runs_every_stage_and_writes_the_official_layout(toy_demo):
     assert set(info["caption_checks"]) == {"1", "2"} and "transformer step 2: loss with right / shuffled" in log
     check = dict(info["caption_checks"]["2"])
     drawn = check.pop("drawn")      # the reader on sampled prompts, both splits
+    assert set(check.pop("word_gaps")) == {"position", "colour"}
     assert set(check) == {"0.8", "0.95", "1.0"} and all(len(pair) == 2 for pair in check.values())
     assert set(drawn) == {"seen", "held_out"} and drawn["held_out"]["colour"][1] >= 1
     assert "transformer step 2: the reader on sampled prompts" in log
@@ -75,6 +76,49 @@ def test_caption_check_tells_a_caption_reader_from_a_text_blind_model():
         assert right < 1e-8 and shuffled > 0.5, (s, right, shuffled)
     for s, (right, shuffled) in caption_check(_Blind(), probe).items():
         assert right == shuffled
+
+
+class _PromptIds:
+    """A conditioner stub whose context is the prompt's number (the painter below looks the prompt up)."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def encode(self, prompts):
+        self.prompts.append(prompts[0])
+        return torch.full((1, 1, 1), len(self.prompts) - 1.0), torch.zeros(1, 1)
+
+
+class _Painter(torch.nn.Module):
+    """At sigma 1 draws the prompt's object as a 4x4 latent square: at its position if it reads position words
+    (else in the centre), with a value set by its colour if it reads colour words (else 1)."""
+
+    def __init__(self, conditioner, reads):
+        super().__init__()
+        self.conditioner, self.reads = conditioner, reads
+        self.config = type("Config", (), {"in_channels": 16})
+
+    def forward(self, x, t, context, y):
+        from training.demo.shapes import COLOURS, POSITIONS, parse_caption
+
+        obj = parse_caption(self.conditioner.prompts[int(context[0, 0, 0])]).objects[0]
+        cx, cy = POSITIONS[obj.position if "position" in self.reads else "centre"]
+        r, c = round(cy * x.shape[-2]), round(cx * x.shape[-1])
+        x0 = torch.zeros_like(x)
+        x0[..., r - 2:r + 2, c - 2:c + 2] = 1 + list(COLOURS).index(obj.colour) if "colour" in self.reads else 1
+        return x - x0                                   # the velocity whose x0 at sigma 1 is the drawing
+
+
+def test_word_gaps_say_which_words_a_model_draws():
+    from training.demo.train import word_gaps
+
+    gaps = {}
+    for reads in ((), ("colour",), ("colour", "position")):
+        conditioner = _PromptIds()
+        gaps[reads] = word_gaps(_Painter(conditioner, reads), conditioner)
+    assert gaps[()] == {"position": 0, "colour": 0}
+    assert gaps[("colour",)]["position"] == 0 and gaps[("colour",)]["colour"] > 5
+    assert gaps[("colour", "position")]["position"] > 5 and gaps[("colour", "position")]["colour"] > 5
 
 
 def test_generate_runs_a_demo_model_set_as_the_demo(toy_demo, tmp_path):

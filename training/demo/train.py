@@ -186,6 +186,39 @@ def caption_check(model, probe, sigmas=(0.8, 0.95, 1.0)) -> dict[float, tuple[fl
     return out
 
 
+GAP_PROMPT = "a large {} circle {}, on a white background"
+GAP_PAIRS = {"position": [("red", "on the left", "red", "on the right"), ("red", "at the top", "red", "at the bottom"),
+                          ("blue", "on the left", "blue", "on the right"), ("blue", "at the top", "blue", "at the bottom")],
+             "colour": [("red", p, "blue", p) for p in ("on the left", "on the right", "at the top", "at the bottom")]}
+
+
+@torch.no_grad()
+def word_gaps(model, conditioner, noises: int = 8) -> dict[str, float]:
+    """Which words the model reads where it must: its clean-image estimate at sigma 1 (pure noise in, so the
+    picture can only come from the prompt), averaged over `noises` draws, for prompts one word apart.
+    {"position": ..., "colour": ...}: the norm of the difference of the two estimates, averaged over the pairs
+    of GAP_PAIRS (left/right and top/bottom; red/blue). A model that reads the word moves or recolours the object
+    (a gap of the order of the estimate's own norm); one that ignores it scores 0."""
+    was_training = model.training
+    model.eval()
+    cfg = model.config
+    side = SIZE // 8
+    noise = torch.randn(noises, cfg.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    estimates = {}
+
+    def estimate(colour: str, where: str) -> torch.Tensor:
+        if (colour, where) not in estimates:
+            context, pooled = conditioner.encode([GAP_PROMPT.format(colour, where)])
+            v = model(noise, torch.full((noises,), 1000.0), context.expand(noises, -1, -1), pooled.expand(noises, -1))
+            estimates[colour, where] = (noise - v.float()).mean(0)        # x0 = x - sigma v at sigma 1
+        return estimates[colour, where]
+
+    out = {kind: round(sum((estimate(a, b) - estimate(c, d)).norm().item() for a, b, c, d in pairs) / len(pairs), 3)
+           for kind, pairs in GAP_PAIRS.items()}
+    model.train(was_training)
+    return out
+
+
 @torch.no_grad()
 def drawing_check(model, vae, conditioner, per_split: int = 13) -> dict:
     """Does the model draw what it is asked? One image (seed 0) for each of `per_split` seen and held-out
@@ -240,9 +273,12 @@ def train_transformer(latents, captions, objects, vae, model_dir: Path, opts: De
         check = caption_check(model, probe)
         log(f"transformer step {trainer.step}: loss with right / shuffled captions "
             + ", ".join(f"sigma {s}: {r:.4f} / {w:.4f}" for s, (r, w) in check.items()))
+        gaps = word_gaps(model, conditioner)
+        log(f"transformer step {trainer.step}: x0 at sigma 1 moves by {gaps['position']} when a position word "
+            f"changes, by {gaps['colour']} when a colour word does (word_gaps)")
         drawn = drawing_check(model, vae, conditioner, opts.draw_prompts)
         log(f"transformer step {trainer.step}: the reader on sampled prompts\n{format_table(drawn)}")
-        checks[str(trainer.step)] = {**{str(s): v for s, v in check.items()}, "drawn": drawn}
+        checks[str(trainer.step)] = {**{str(s): v for s, v in check.items()}, "word_gaps": gaps, "drawn": drawn}
         write_json(checks_file, checks)
     return model.eval().requires_grad_(False), checks
 
