@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,21 +23,30 @@ from .cache import CachedDataset
 VALIDATION_STEPS = 20
 
 
+@contextmanager
+def evaluating(model):
+    """The model in eval mode inside the block (no dropout, e.g. a LoRA's), back in its own mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def sample_latents(model, cond, uncond, seeds: list[int], size: tuple[int, int], steps: int = VALIDATION_STEPS,
                    cfg: float = DEFAULTS["cfg"], shift: float = DEFAULTS["shift"], sampler: str = "euler") -> torch.Tensor:
     """(len(seeds), C, h, w) latents for one conditioning (context (1, L, D), pooled (1, P)), the pipeline's
     noise per seed (sampling.schedule.initial_noise) and its samplers."""
-    was_training = model.training
-    model.eval()
     device, dtype = model.pos_embed.device, model.pos_embed.dtype
     n = len(seeds)
     as_model = [t.to(device, dtype).expand(n, *t.shape[1:]) for t in (*cond, *uncond)]
     denoiser = GuidedDenoiser(model, tuple(as_model[:2]), tuple(as_model[2:]), cfg, steps)
     x = initial_noise(seeds, model.config.in_channels, size[1], size[0]).to(device)
-    out = get_sampler(sampler)(denoiser, x, sigmas(steps, shift).to(device), None,
-                               generator=torch.Generator("cpu").manual_seed(seeds[0]))
-    model.train(was_training)
+    with evaluating(model):
+        out = get_sampler(sampler)(denoiser, x, sigmas(steps, shift).to(device), None,
+                                   generator=torch.Generator("cpu").manual_seed(seeds[0]))
     return out.float()
 
 

@@ -171,18 +171,17 @@ def caption_check(model, probe, sigmas=(0.8, 0.95, 1.0)) -> dict[float, tuple[fl
     own caption and with the next scene's: {sigma: (right, shuffled)}. A model that ignores the text scores
     the same on both; the gap is what the captions tell it."""
     from training.objective import Draw, flow_matching_loss, Objective
+    from training.validation import evaluating
 
     x0, context, pooled = probe
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     shuffled = torch.roll(torch.arange(len(x0)), 1)
-    was_training = model.training
-    model.eval()
     out = {}
-    for s in sigmas:
-        d = Draw(torch.full((len(x0),), s), noise, None)
-        out[s] = tuple(round(flow_matching_loss(model, Objective(), x0, c, p, d).item(), 4)
-                       for c, p in ((context, pooled), (context[shuffled], pooled[shuffled])))
-    model.train(was_training)
+    with evaluating(model):
+        for s in sigmas:
+            d = Draw(torch.full((len(x0),), s), noise, None)
+            out[s] = tuple(round(flow_matching_loss(model, Objective(), x0, c, p, d).item(), 4)
+                           for c, p in ((context, pooled), (context[shuffled], pooled[shuffled])))
     return out
 
 
@@ -199,11 +198,10 @@ def word_gaps(model, conditioner, noises: int = 8) -> dict[str, float]:
     {"position": ..., "colour": ...}: the norm of the difference of the two estimates, averaged over the pairs
     of GAP_PAIRS (left/right and top/bottom; red/blue). A model that reads the word moves or recolours the object
     (a gap of the order of the estimate's own norm); one that ignores it scores 0."""
-    was_training = model.training
-    model.eval()
-    cfg = model.config
+    from training.validation import evaluating
+
     side = SIZE // 8
-    noise = torch.randn(noises, cfg.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(noises, model.config.in_channels, side, side, generator=torch.Generator().manual_seed(0))
     estimates = {}
 
     def estimate(colour: str, where: str) -> torch.Tensor:
@@ -213,10 +211,9 @@ def word_gaps(model, conditioner, noises: int = 8) -> dict[str, float]:
             estimates[colour, where] = (noise - v.float()).mean(0)        # x0 = x - sigma v at sigma 1
         return estimates[colour, where]
 
-    out = {kind: round(sum((estimate(a, b) - estimate(c, d)).norm().item() for a, b, c, d in pairs) / len(pairs), 3)
-           for kind, pairs in GAP_PAIRS.items()}
-    model.train(was_training)
-    return out
+    with evaluating(model):
+        return {kind: round(sum((estimate(a, b) - estimate(c, d)).norm().item() for a, b, c, d in pairs) / len(pairs), 3)
+                for kind, pairs in GAP_PAIRS.items()}
 
 
 @torch.no_grad()
