@@ -21,7 +21,8 @@ def toy_demo(tmp_path_factory):
     work = tmp_path_factory.mktemp("demo")
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--work", str(work / "w"),
                           "--images", "32", "--vae-steps", "2", "--steps", "2", "--batch-size", "4", "--checks", "2",
-                          "--check-every", "1", "--draw-prompts", "1"],
+                          "--check-every", "1", "--draw-prompts", "1",
+                          "--text-steps", "2", "--text-batch", "8"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     return Path(out.stdout.strip()), out.stderr
@@ -165,6 +166,37 @@ def test_demo_json_sampling_settings_are_the_defaults_and_the_command_line_wins(
         assert out.returncode == 0, out.stderr
         params = read_png_params(Path(out.stdout.strip().splitlines()[-1]))
         assert (params["cfg"], params["slg"], params["steps"], params["width"]) == (cfg, False, 2, 128)
+
+
+def test_contrastive_text_training_carries_the_words_into_the_padding_tokens(tmp_path):
+    """training.demo.text: in random CLIPs a word stays in its own token, so the padding tokens (most of the
+    context) hardly tell "left" from "right"; after contrastive training against scenes that differ where the
+    captions do, they do. Measured on the conditioning the transformer reads (the last CLIP token)."""
+    from encoders import TextConditioner
+    from training.demo.model_set import write_text_encoders
+    from training.demo.text import TextTrainConfig, save_text_encoders, train_text_encoders
+
+    write_text_encoders(tmp_path, seed=0)
+    conditioner = TextConditioner.from_model_dir(tmp_path, t5="off")
+    words = ["on the left", "on the right", "at the top", "at the bottom"]
+
+    def padding_gap():
+        context, _ = conditioner.encode(["a red circle " + w for w in words[:2]])
+        last = context[:, 76, :128]                               # a CLIP padding token, both CLIPs
+        return ((last[0] - last[1]).norm() / last[0].norm()).item()
+
+    scenes = torch.randn(len(words), 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    captions = ["a red circle " + words[i % 4] for i in range(64)]
+    latents = scenes[torch.arange(64) % 4]
+    before = padding_gap()
+    result = train_text_encoders(conditioner, captions, latents, TextTrainConfig(steps=80, batch_size=16), log=lambda m: None)
+    after = padding_gap()
+    assert before < 0.05 and after > 10 * before and after > 0.1, (before, after)
+    assert result["loss"] < 2.0, result
+    save_text_encoders(conditioner, tmp_path)
+    reloaded = TextConditioner.from_model_dir(tmp_path, t5="off")
+    assert torch.allclose(reloaded.encode(["a red circle at the top"])[0],
+                          conditioner.encode(["a red circle at the top"])[0], atol=2e-2)
 
 
 def test_latent_scale_matching_keeps_reconstructions_and_gives_unit_variance():

@@ -4,9 +4,8 @@
                                                                    dual attention in 0-4, QK-norm, patch 2,
                                                                    positions for a 16x16 latent (128x128 px)
                                           first_stage_model.*      VAE, width 64 at every level, 16 latent channels, 8x
-    text_encoders/clip_l.safetensors      CLIP-L layout, width 64, 2 layers  } fixed random weights (frozen while
-    text_encoders/clip_g.safetensors      CLIP-G layout, width 64, 2 layers  } the transformer trains: their outputs
-                                                                             } are a fixed code for each prompt)
+    text_encoders/clip_l.safetensors      CLIP-L layout, width 64, 2 layers  } trained contrastively on the scenes
+    text_encoders/clip_g.safetensors      CLIP-G layout, width 64, 2 layers  } (training.demo.text), then frozen
     tokenizer/, tokenizer_2/              the real CLIP vocabulary and merges (tests/data/clip_tokenizer)
     demo.json                             version, native size, vocabulary, how it was trained
 
@@ -14,10 +13,10 @@ No T5: SD3 runs without it by design (its 77 context tokens are zeros, as with `
 real layout has width 4096 even at one block, which cost 20% of every training step here (0.35 s of 1.8 s at
 batch 32, measured) for words CLIP already carries.
 
-Why the text encoders stay random: training them would cost time the transformer needs, and a random
-transformer over the real tokens already gives every word its own, position-aware code. Why they are narrow:
-the real vocabulary has 49,408 tokens, so each CLIP's token table is 49,408 x width; at width 64 both fit the
-40 MB budget. The conditioning is SD3's exactly: CLIP-L ++ CLIP-G hidden states zero-padded to 4096 in 77
+Why the text encoders are trained (training.demo.text has the measurements): random ones keep each word in
+its own token, and the transformer then learns colours from the prompt but not where to draw. Why they are
+narrow: the real vocabulary has 49,408 tokens, so each CLIP's token table is 49,408 x width; at width 64 both
+fit the 40 MB budget. The conditioning is SD3's exactly: CLIP-L ++ CLIP-G hidden states zero-padded to 4096 in 77
 tokens, then 77 tokens of zeros where T5's would be; pooled = CLIP-L ++ CLIP-G pooled (128 here).
 """
 
@@ -47,7 +46,7 @@ CLIP_TOKENIZER = Path(__file__).resolve().parents[2] / "tests" / "data" / "clip_
 
 
 def write_text_encoders(root: Path, seed: int = 0) -> None:
-    """tokenizer*/ and text_encoders/ of the demo (random weights drawn from `seed`)."""
+    """tokenizer*/ and text_encoders/ of the demo, random weights drawn from `seed` (where training starts)."""
     from sampling.embedded import clip_layout, write_random
 
     for name in ("tokenizer", "tokenizer_2"):

@@ -8,6 +8,7 @@ demo.json; their sum is the rebuild time.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +43,9 @@ class DemoOptions:
     object_weight: float = 5.0      # loss weight of the latent cells an object touches (1: a plain mean)
     sigma_sampling: str = "uniform"  # how training draws noise levels (training.objective); see train_transformer
     shift: float = 3.0              # applied to the drawn sigmas; see train_transformer
+    text_steps: int = 1500          # contrastive training of the text encoders (training.demo.text)
+    text_batch: int = 256
+    text_lr: float = 1e-3
     check_every: int = 250          # steps between caption checks (see caption_check)
     draw_prompts: int = 13          # prompts per split sampled and read at each check (see drawing_check)
     checks: int = 300               # new scenes (beyond the training ones) the VAE gate reads back
@@ -123,7 +127,22 @@ def encode_latents(vae, images: torch.Tensor, log: Log, batch: int = 32) -> torc
     return torch.cat(out)
 
 
-# -- stage 4: the transformer ------------------------------------------------------------------------------
+# -- stage 4: the text encoders ---------------------------------------------------------------------------
+def train_text(latents, captions, out: Path, opts: DemoOptions, log: Log) -> dict:
+    """Tokenizers and random CLIP-L/G into `out`, the CLIPs trained contrastively on the scenes
+    (training.demo.text) and written back. -> the last step's loss and retrieval."""
+    from encoders import TextConditioner
+    from .text import TextTrainConfig, save_text_encoders, train_text_encoders
+
+    write_text_encoders(out, opts.seed)
+    conditioner = TextConditioner.from_model_dir(out, t5="off")
+    result = train_text_encoders(conditioner, captions, latents,
+                                 TextTrainConfig(opts.text_steps, opts.text_batch, opts.text_lr, opts.seed), log)
+    save_text_encoders(conditioner, out)
+    return result
+
+
+# -- stage 5: the transformer ------------------------------------------------------------------------------
 class SceneDataset:
     """What training.loop.Trainer reads (the interface of training.cache.CachedDataset): latents held in
     memory, captions encoded on the fly by the frozen demo text encoders (tiny: cheaper than caching
@@ -324,13 +343,17 @@ def build_demo(work: str | Path, out: str | Path, opts: DemoOptions = DemoOption
     log(f"latents: mean {latents.float().mean():.3f}, std {latents.float().std():.3f} (model space)")
 
     out.mkdir(parents=True, exist_ok=True)
-    if not (out / "text_encoders" / "clip_g.safetensors").is_file():
-        stage("text_encoders", lambda: write_text_encoders(out, opts.seed))
+    text_file = work / "text_encoders.json"
+    if not text_file.is_file():
+        stage("text_encoders", lambda: write_json(text_file, train_text(latents, captions, work / "text", opts, log)))
+    for part in ("tokenizer", "tokenizer_2", "text_encoders"):
+        shutil.copytree(work / "text" / part, out / part, dirs_exist_ok=True)
     model, checks = stage("transformer", lambda: train_transformer(latents, captions, objects, vae, out, opts, work, log))
     info = {"options": asdict(opts), "minutes": {k: round(v / 60, 1) for k, v in times.items()},
             "caption_checks": checks,
             "total_minutes": round(sum(times.values()) / 60, 1),
-            "vae_gate": json.loads(gate_file.read_text())}
+            "vae_gate": json.loads(gate_file.read_text()),
+            "text_encoders": json.loads(text_file.read_text())}
     write_model_file(out, model, vae, info)
     log(f"demo model written to {out} ({info['total_minutes']} min in all)")
     return out
