@@ -3,8 +3,8 @@
 The demo model (`demo_model_dir`): a tiny SD3 of the real architecture trained by this project on coloured
 shapes (scripts/train_demo.py, docs/demo_model.md), in the official release layout, in sampling/demo_model/
 (or $MMDITX_DEMO_DIR). When it is there it is the default of scripts/generate.py and scripts/attention_maps.py.
-None is shipped yet: the first one trained did not learn to read its prompts (docs/demo_model.md), so the
-default is still the random-weight set.
+Version 1 is shipped: it follows background, position, size and (less reliably) colour words, not yet shape
+words (docs/demo_model.md).
 
 The random-weight set (`embedded_model_dir`, `--random-weights`): the full official layout (T5 included) at
 small size, built once and cached, so tests and tools run every stage of the real path (tokenizers, text

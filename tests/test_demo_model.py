@@ -1,7 +1,6 @@
 """The demo model's machinery: the rebuild script runs every stage and writes a model set in the official layout,
 generate.py runs such a set as the demo (no T5, its native size, its vocabulary printed), and the VAE's latent
-rescaling is exact. (No trained demo model is shipped yet: docs/demo_model.md says why; its quality tests come
-with it.)"""
+rescaling is exact. The shipped model's quality: tests/test_demo_quality.py."""
 
 import json
 import subprocess
