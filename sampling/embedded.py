@@ -181,7 +181,8 @@ def demo_available() -> bool:
 
 
 def demo_info(root: Path | None = None) -> dict:
-    """demo.json: version, native `size`, `vocabulary` (what it can draw), `examples` (prompts), training."""
+    """demo.json: version, native `size`, `vocabulary` (what it can draw), `examples` (prompts), training;
+    optionally `limits` (what it measurably does not follow, printed with the vocabulary) and `sampling`."""
     return json.loads(((root or demo_model_dir()) / "demo.json").read_text(encoding="utf-8"))
 
 
@@ -205,6 +206,7 @@ def model_dir_or_demo(model_dir: str | os.PathLike | None, random_weights: bool 
     print(f"!! no --model-dir: using the DEMO MODEL (v{info['version']}, {root}): a tiny SD3 trained by this project "
           f"on coloured shapes, {info['size']}x{info['size']} pixels. It draws only its vocabulary:\n"
           + "".join(f"     {line}\n" for line in info["vocabulary"].splitlines())
+          + (f"   Measured limits: {info['limits']}\n" if info.get("limits") else "")
           + f"   e.g. \"{info['examples'][0]}\". For real images pass --model-dir with the official SD3.5 Medium "
             "files.", file=sys.stderr)
     return root, "demo"

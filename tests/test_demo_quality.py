@@ -32,6 +32,7 @@ def test_the_shipped_demo_model_draws_what_it_is_asked(tmp_path):
                           "--seed", "0", "--out", str(tmp_path / "gen"), "--quiet"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert out.returncode == 0 and "DEMO MODEL" in out.stderr, out.stderr
+    assert "does not follow shape words" in out.stderr     # what it cannot do is said, not left to be found
     items, problems = evaluate_folder(tmp_path / "gen")
     assert not problems and len(items) == len(QUALITY_PROMPTS), problems
     table = accuracies(items)["seen"]
