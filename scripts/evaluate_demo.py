@@ -3,6 +3,7 @@
     python scripts/evaluate_demo.py --prompts held_out > held_out.txt      # the evaluation prompts
     python scripts/generate.py --prompt-file held_out.txt --num-images 4 --out gen/   # 4 seeds each
     python scripts/evaluate_demo.py gen/ --grid grid.png --json report.json
+    python scripts/evaluate_demo.py --compare a.json b.json              # a markdown table, one row per report
 
 Each PNG's ground truth is its dataset sidecar (name.json), else the prompt generate.py stored in it, else
 name.txt, read with the dataset's grammar; prompts naming a held-out combination count as 'held out'. The
@@ -20,8 +21,8 @@ sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its pac
 
 from mmditx.checkpoint import written_whole  # noqa: E402
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
-from training.demo.evaluate import (accuracies, evaluate_folder, format_table, ground_truth_trials,  # noqa: E402
-                                    write_grid)
+from training.demo.evaluate import (accuracies, compare_table, evaluate_folder, format_table,  # noqa: E402
+                                    ground_truth_trials, write_grid)
 from training.demo.shapes import NEW_SHAPES, SHAPES, evaluation_prompts  # noqa: E402
 
 
@@ -34,6 +35,8 @@ def main(argv=None) -> int:
                    help="with --prompts: prompts per held-out combination (and as many seen ones; default 2)")
     p.add_argument("--grid", type=Path, help="write a grid PNG (green frame: everything asked is right)")
     p.add_argument("--json", type=Path, help="write per-image readings and the accuracy table as JSON")
+    p.add_argument("--compare", type=Path, nargs="+", metavar="REPORT",
+                   help="print a markdown table of these --json reports (cells: seen / held-out %%) and exit")
     p.add_argument("--limit", type=int, help="only the first N images (sorted by name)")
     p.add_argument("--new-shapes", action="store_true",
                    help=f"also accept and read {', '.join(NEW_SHAPES)} (the word a LoRA teaches; not in the dataset)")
@@ -50,6 +53,16 @@ def main(argv=None) -> int:
     if args.prompts:
         for prompt, _ in evaluation_prompts(args.prompts, args.per_combination):
             print(prompt)
+        return 0
+    if args.compare:
+        tables = {}
+        for path in args.compare:
+            try:
+                acc = json.loads(path.read_text(encoding="utf-8"))["accuracy"]
+            except (OSError, ValueError, KeyError) as e:
+                raise SystemExit(f"error: {path}: not a report of evaluate_demo.py --json ({e})")
+            tables[path.stem] = {s: {a: (c["right"], c["asked"]) for a, c in row.items()} for s, row in acc.items()}
+        print(compare_table(tables))
         return 0
     shapes = SHAPES + NEW_SHAPES if args.new_shapes else SHAPES
     if args.self_test:

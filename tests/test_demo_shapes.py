@@ -292,3 +292,18 @@ def test_scripts_make_a_dataset_and_evaluate_it(tmp_path):
     assert squeezed.returncode == 0 and "through a 32x32 thumbnail" in squeezed.stdout, squeezed.stderr
     missing = run("scripts/evaluate_demo.py", tmp_path / "nowhere")
     assert missing.returncode != 0 and "no such folder" in missing.stderr
+    # --compare: the dataset's report (the reader on ground truth: 100% of every attribute asked) as a table row
+    compared = run("scripts/evaluate_demo.py", "--compare", tmp_path / "r.json")
+    assert compared.returncode == 0, compared.stderr
+    header, rule, row = compared.stdout.splitlines()
+    assert header.startswith("| run | background | colour | shape | size | position | count |")
+    assert row.startswith("| r | 100 | 100 | 100 | 100 | 100 | 100 |"), row
+    not_a_report = run("scripts/evaluate_demo.py", "--compare", tmp_path / "ds" / "000000.txt")
+    assert not_a_report.returncode != 0 and "not a report of evaluate_demo.py --json" in not_a_report.stderr
+
+
+def test_compare_table_cells_are_seen_then_held_out_percentages():
+    table = ev.compare_table({"a": {"seen": {"colour": (1, 2), "shape": (0, 3)}, "held_out": {"colour": (3, 4)}},
+                              "b": {"seen": {"colour": (2, 2)}, "held_out": {"colour": (1, 8)}}})
+    assert table.splitlines() == ["| run | colour | shape |", "|---|---|---|",
+                                  "| a | 50 / 75 | 0 / - |", "| b | 100 / 12 | - / - |"]

@@ -102,5 +102,7 @@ def train_controlnet(model, net: ControlNet, latents: torch.Tensor, controls: to
     return history
 
 
-def save_controlnet(net: ControlNet, path) -> None:
-    save_safetensors(official_state_dict(net), path)
+def save_controlnet(net: ControlNet, path, dtype: torch.dtype = torch.float16) -> None:
+    """The official layout, in half precision like the shipped demo model (the net is judged from this file)."""
+    save_safetensors({k: v.to(dtype) if v.is_floating_point() else v  # control_type stays an integer
+                      for k, v in official_state_dict(net).items()}, path)
