@@ -83,7 +83,9 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """fc2(gelu_tanh(fc1(x))), computed over slices of the hidden width: the hidden activation never
         exists whole (4x smaller peak) and BLAS runs faster on the square slices. Same result up to fp rounding."""
-        if not (type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear):  # adapters (LoRA) wrap the linears
+        if torch.is_grad_enabled() or not (type(self.fc1) is nn.Linear and type(self.fc2) is nn.Linear):
+            # training keeps the hidden for the backward anyway (and selective checkpointing must see plain
+            # products, not in-place sums); adapters (LoRA) wrap the linears
             return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
         shape, D = x.shape, x.shape[-1]
         x = x.reshape(-1, D)
@@ -122,7 +124,8 @@ class SelfAttention(nn.Module):
     def pre_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L, D) -> q, k, v each (B, heads, L, head_dim)."""
         B, L, D = x.shape
-        if type(self.qkv) is not nn.Linear:  # adapters (LoRA) wrap the linear: call it whole
+        if torch.is_grad_enabled() or type(self.qkv) is not nn.Linear:
+            # whole: adapters (LoRA) wrap the linear; selective checkpointing recognises the (B*L, 3D) product
             q, k, v = (t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
             return (self.ln_q(q), self.ln_k(k), v) if self.ln_q is not None else (q, k, v)
         # Three (D, D) products on row blocks of the fused qkv weight (views, no copies): on CPU BLAS runs

@@ -568,7 +568,7 @@ def _train_child(who: str, mode: str, checkpointing: str, path: str, size: int, 
             add_lora(model, rank=16, patterns=target_patterns(("attn",)))
         else:
             model.requires_grad_(True)
-        model.gradient_checkpointing = checkpointing == "on"
+        model.gradient_checkpointing = {"on": True, "off": False, "selective": "selective"}[checkpointing]
         net = model.train()
         objective = Objective()
 
@@ -583,7 +583,7 @@ def _train_child(who: str, mode: str, checkpointing: str, path: str, size: int, 
                                        target_modules=DREAMBOOTH_TARGETS))
         else:
             net.requires_grad_(True)
-        if checkpointing == "on":
+        if checkpointing in ("on", "selective"):   # diffusers has full recompute only
             net.enable_gradient_checkpointing()
         net.train()
         from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
@@ -618,7 +618,8 @@ def bench_train(args) -> None:
     gib = 1024 ** 3
     res = {}
     for who in ("ours", "diffusers"):  # one after the other, each in a fresh process
-        cmd = [sys.executable, __file__, "_train_child", who, args.mode, "on" if args.checkpointing else "off",
+        cmd = [sys.executable, __file__, "_train_child", who, args.mode,
+               {None: "off", "full": "on", "selective": "selective"}[args.checkpointing],
                str(path), str(args.size), str(args.steps)]
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if out.returncode != 0:
@@ -808,7 +809,9 @@ def main(argv=None) -> None:
     pl.add_argument("--only", nargs="+", choices=list(PIPELINE_RUNS), help="run only these")
     tr = sub.add_parser("train", help="one training step (LoRA rank 16 or full), ours vs diffusers + peft")
     tr.add_argument("--mode", choices=["lora", "full"], default="lora")
-    tr.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on both sides")
+    tr.add_argument("--checkpointing", nargs="?", const="full", choices=["full", "selective"],
+                    help="gradient checkpointing on both sides (selective: ours keeps its matrix products but qkv; "
+                         "diffusers recomputes in full)")
     tr.add_argument("--size", type=int, default=256, help="image side in pixels")
     tr.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     lo = sub.add_parser("lora", help="LoRA: read/apply/remove time, forward with and without, frugal peak RSS")

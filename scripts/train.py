@@ -70,7 +70,9 @@ def parse_args(argv=None):
     o.add_argument("--ema", type=float, default=None, metavar="DECAY")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default="auto")
-    o.add_argument("--gradient-checkpointing", action="store_true")
+    o.add_argument("--gradient-checkpointing", nargs="?", const="full", choices=["full", "selective"],
+                   help="recompute each joint block in the backward pass (full), or only its qkv products, "
+                        "attention and element-wise ops (selective: faster, a little more memory)")
     o.add_argument("--device", default="cpu")
     f = p.add_argument_group("flow-matching objective")
     f.add_argument("--sigma-sampling", choices=["logit_normal", "uniform", "mode"], default="logit_normal")
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
             steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
             lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
             grad_clip=args.grad_clip or None, ema_decay=args.ema, seed=args.seed,
-            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+            mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing or False,
             caption_dropout=args.caption_dropout, objective=objective, save_every=args.save_every,
             validate_every=args.validate_every, lora_format=args.lora_format,
             full_checkpoints=not args.no_full_checkpoints)

@@ -22,9 +22,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ARGS = ["--resolution", "64", "--full", "--steps", "1", "--batch-size", "2", "--lr", "1e-3", "--flip",
         "--caption-dropout", "0.3", "--no-full-checkpoints", "--seed", "3"]
 # One optimizer step of two accumulated micro-steps (gradient norms 7 and 13 here: clipping to 1 acts), with
-# EMA, gradient checkpointing and a validation grid (its forwards need every process under FSDP).
+# EMA, selective gradient checkpointing and a validation grid (its forwards need every process under FSDP).
 FSDP_ARGS = ["--resolution", "64", "--full", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--flip",
-             "--caption-dropout", "0.3", "--seed", "3", "--ema", "0.9", "--gradient-checkpointing",
+             "--caption-dropout", "0.3", "--seed", "3", "--ema", "0.9", "--gradient-checkpointing", "selective",
              "--validation-prompt", "a red circle", "--validate-every", "1", "--validation-steps", "2"]
 
 

@@ -6,6 +6,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmditx import MMDiTX, load_mmditx, load_config
 from mmditx.checkpoint import build_on_meta
@@ -43,7 +44,7 @@ def diffusers_names(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return convert_sd3_transformer_checkpoint_to_diffusers({PREFIX + k: v for k, v in grads.items()})
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True, "selective"])
 def test_every_gradient_matches_diffusers(pair, checkpointing):
     ours, ref, _ = pair
     x, t, context, y, target = inputs(ours.config)
@@ -75,6 +76,46 @@ def test_every_gradient_matches_diffusers(pair, checkpointing):
         assert g is not None, name
         assert rel_error(ours_grads[name].reshape(g.shape), g) <= GRAD_TOL, \
             f"{name}: relative error {rel_error(ours_grads[name].reshape(g.shape), g):.2e}"
+
+
+class MatrixProducts(TorchDispatchMode):
+    """Counts the matrix products (aten mm / addmm) run while active, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def backward_products(model, checkpointing) -> int:
+    x, t, context, y, target = inputs(model.config)
+    model.gradient_checkpointing = checkpointing
+    try:
+        loss = F.mse_loss(model(x, t, context, y), target)
+        with MatrixProducts() as products:
+            loss.backward()
+    finally:
+        model.gradient_checkpointing = False
+        model.zero_grad(set_to_none=True)
+    return products.count
+
+
+def test_selective_checkpointing_recomputes_only_the_qkv_products(pair):
+    """The backward pass of full recompute reruns every product of every block; selective reruns one product
+    per attention (the fused qkv: context and image stream, and the image stream's second attention in
+    blocks 0 and 1: 3 + 3 + 2 = 8 here) and keeps the rest from the forward."""
+    ours = pair[0]
+    ours.requires_grad_(True)
+    plain = backward_products(ours, False)
+    qkv = sum(1 for name, _ in ours.named_modules() if name.endswith(".qkv"))
+    assert qkv == 8
+    assert backward_products(ours, "selective") - plain == qkv
+    linears = sum(isinstance(m, torch.nn.Linear) for m in ours.joint_blocks.modules())
+    assert linears == 31    # adaLN, qkv, proj, fc1, fc2 per stream; attn2 in 0, 1; block 2's context: adaLN, qkv
+    assert backward_products(ours, True) - plain == linears
 
 
 def test_center_crop_is_the_default_bit_for_bit(pair):

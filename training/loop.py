@@ -43,7 +43,7 @@ class TrainConfig:
     ema_decay: float | None = None       # e.g. 0.999: keep an exponential moving average of the trained weights
     seed: int = 0
     mixed_precision: str = "auto"        # "auto": bf16 autocast on GPU, fp32 on CPU; or "bf16", "fp32"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False   # True / "full", or "selective" (MMDiTX.gradient_checkpointing)
     caption_dropout: tuple[float, float, float] = (0.0, 0.0, 0.0)   # CLIP-L, CLIP-G, T5
     objective: Objective = field(default_factory=Objective)
     save_every: int | None = None        # steps between checkpoints (and always at the end)
