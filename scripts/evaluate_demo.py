@@ -48,6 +48,9 @@ def main(argv=None) -> int:
     p.add_argument("--thumbnail", type=int, metavar="CELLS",
                    help="with --self-test: squeeze each scene through a CELLS x CELLS RGB image first")
     p.add_argument("--seed", type=int, default=0, help="with --self-test")
+    p.add_argument("--text-probe", type=Path, metavar="MODEL_DIR",
+                   help="how linearly readable each attribute is from the text encoders' output (pooled vector, "
+                        "padding tokens) of this demo model set, 4,000 one-object captions; then exit")
     add_debug_flag(p)
     args = p.parse_args(argv)
     if args.prompts:
@@ -63,6 +66,15 @@ def main(argv=None) -> int:
                 raise SystemExit(f"error: {path}: not a report of evaluate_demo.py --json ({e})")
             tables[path.stem] = {s: {a: (c["right"], c["asked"]) for a, c in row.items()} for s, row in acc.items()}
         print(compare_table(tables))
+        return 0
+    if args.text_probe:
+        from encoders import TextConditioner
+        from training.demo.text import PROBED, attribute_probe
+
+        probe = attribute_probe(TextConditioner.from_model_dir(args.text_probe, t5="off"))
+        print("| features | " + " | ".join(PROBED) + " |\n" + "|---" * (len(PROBED) + 1) + "|")
+        for features, row in probe.items():
+            print(f"| {features} | " + " | ".join(f"{row[a]:.1%}" for a in PROBED) + " |")
         return 0
     shapes = SHAPES + NEW_SHAPES if args.new_shapes else SHAPES
     if args.self_test:

@@ -97,3 +97,61 @@ def save_text_encoders(conditioner, root) -> None:
     for name, clip in (("clip_l", conditioner.clip_l), ("clip_g", conditioner.clip_g)):
         save_safetensors({k: v.detach().half() for k, v in clip.state_dict().items()},
                          Path(root) / "text_encoders" / f"{name}.safetensors")
+
+
+# -- what the encoders carry -------------------------------------------------------------------------------
+PROBED = ("background", "colour", "shape", "size", "position")
+
+
+def _fit_and_score(features: torch.Tensor, labels: list[str], train_share: float = 0.75) -> float:
+    """Multinomial logistic regression (L-BFGS, a little L2) on the first `train_share` of the rows;
+    the held-back rows' accuracy."""
+    classes = sorted(set(labels))
+    target = torch.tensor([classes.index(v) for v in labels])
+    n = int(len(labels) * train_share)
+    mean, std = features[:n].mean(0), features[:n].std(0) + 1e-6
+    x = (features - mean) / std
+    weight = torch.zeros(x.shape[1], len(classes), requires_grad=True)
+    bias = torch.zeros(len(classes), requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x[:n] @ weight + bias, target[:n]) + 1e-3 * weight.square().sum()
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    with torch.no_grad():
+        return ((x[n:] @ weight + bias).argmax(1) == target[n:]).float().mean().item()
+
+
+@torch.no_grad()
+def attribute_probe(conditioner, count: int = 4000, seed: int = 1) -> dict[str, dict[str, float]]:
+    """How readable is each attribute a one-object caption names from what the transformer receives?
+    A linear probe (logistic regression) on `count` training-style captions of dataset `seed`, scored on a
+    quarter held back: {features: {attribute: accuracy}} for the pooled vector (adaLN) and the mean of the
+    padding tokens 40-76 of CLIP-L ++ CLIP-G (attention; captions end well before token 40)."""
+    from .shapes import training_sample
+
+    captions, labels = [], {a: [] for a in PROBED}
+    index = 0
+    while len(captions) < count:
+        _, named, caption = training_sample(index, seed)
+        index += 1
+        if len(named.objects) == 1:
+            captions.append(caption)
+            for a in PROBED:
+                labels[a].append(named.background if a == "background" else getattr(named.objects[0], a))
+    pooled, padding = [], []
+    for start in range(0, count, 256):
+        context, pool = conditioner.encode(captions[start:start + 256])
+        pooled.append(pool.float())
+        padding.append(context[:, 40:77, :pool.shape[-1]].float().mean(1))   # CLIP channels only
+    result = {}
+    for name, features in (("pooled", torch.cat(pooled)), ("padding tokens", torch.cat(padding))):
+        result[name] = {}
+        for a in PROBED:
+            named = [k for k, v in enumerate(labels[a]) if v is not None]      # captions may leave it out
+            result[name][a] = round(_fit_and_score(features[named], [labels[a][k] for k in named]), 3)
+    result["chance"] = {a: round(1 / len({v for v in labels[a] if v is not None}), 3) for a in PROBED}
+    return result
