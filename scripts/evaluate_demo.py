@@ -4,6 +4,8 @@
     python scripts/generate.py --prompt-file held_out.txt --num-images 4 --out gen/   # 4 seeds each
     python scripts/evaluate_demo.py gen/ --grid grid.png --json report.json
     python scripts/evaluate_demo.py --compare a.json b.json              # a markdown table, one row per report
+    python scripts/evaluate_demo.py --text-probe sampling/demo_model     # what the text encoders carry
+    python scripts/evaluate_demo.py --restore sampling/demo_model        # at which noise level each attribute is decided
 
 Each PNG's ground truth is its dataset sidecar (name.json), else the prompt generate.py stored in it, else
 name.txt, read with the dataset's grammar; prompts naming a held-out combination count as 'held out'. The
@@ -52,6 +54,10 @@ def main(argv=None) -> int:
                    help="how linearly readable each attribute is from the text encoders' output (pooled vector, "
                         "padding tokens) of this demo model set, 4,000 one-object captions; then exit")
     add_debug_flag(p)
+    p.add_argument("--restore", type=Path, metavar="MODEL_DIR",
+                   help="per noise level: new scenes noised to sigma s and denoised by this demo model set, read "
+                        "back (where the model decides each attribute; training.demo.train.restoration_check)")
+    p.add_argument("--restore-count", type=int, default=48, metavar="N", help="with --restore: scenes (default 48)")
     args = p.parse_args(argv)
     if args.prompts:
         for prompt, _ in evaluation_prompts(args.prompts, args.per_combination):
@@ -67,8 +73,22 @@ def main(argv=None) -> int:
             tables[path.stem] = {s: {a: (c["right"], c["asked"]) for a, c in row.items()} for s, row in acc.items()}
         print(compare_table(tables))
         return 0
-    if args.text_probe:
+    if args.restore or args.text_probe:
         from encoders import TextConditioner
+    if args.restore:
+        from mmditx import load_mmditx
+        from training.demo.train import RESTORE_LEVELS, restoration_check
+        from vae import load_vae
+
+        model_file = args.restore / "sd3.5_medium.safetensors"
+        table = restoration_check(load_mmditx(model_file).eval(), load_vae(model_file).eval(),
+                                  TextConditioner.from_model_dir(args.restore, t5="off"), count=args.restore_count)
+        shown = ("background", "colour", "shape", "size", "position")
+        print("| from sigma | " + " | ".join(shown) + " |\n" + "|---" * (len(shown) + 1) + "|")
+        for level in RESTORE_LEVELS:
+            print(f"| {level} | " + " | ".join(f"{r / k:.1%}" for r, k in (table[level][a] for a in shown)) + " |")
+        return 0
+    if args.text_probe:
         from training.demo.text import PROBED, attribute_probe
 
         probe = attribute_probe(TextConditioner.from_model_dir(args.text_probe, t5="off"))
