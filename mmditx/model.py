@@ -139,11 +139,12 @@ class MMDiTX(nn.Module):
         context = self.context_embedder(context)                                # (B, Lc, D)
 
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        options = self._checkpoint_options() if recompute else {}
         for i, block in enumerate(self.joint_blocks):
             if i in skip:
                 continue
             if recompute:
-                context, x = checkpoint(block, context, x, c, use_reentrant=False, **self._checkpoint_options())
+                context, x = checkpoint(block, context, x, c, use_reentrant=False, **options)
             else:
                 context, x = block(context, x, c)
             if i in control:

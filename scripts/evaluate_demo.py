@@ -5,7 +5,7 @@
     python scripts/evaluate_demo.py gen/ --grid grid.png --json report.json
     python scripts/evaluate_demo.py --compare a.json b.json              # a markdown table, one row per report
     python scripts/evaluate_demo.py --text-probe sampling/demo_model     # what the text encoders carry
-    python scripts/evaluate_demo.py --restore sampling/demo_model        # at which noise level each attribute is decided
+    python scripts/evaluate_demo.py --restore sampling/demo_model        # where each attribute is decided
 
 Each PNG's ground truth is its dataset sidecar (name.json), else the prompt generate.py stored in it, else
 name.txt, read with the dataset's grammar; prompts naming a held-out combination count as 'held out'. The
@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))  # run as a file: the repository root, for its pac
 
 from mmditx.checkpoint import written_whole  # noqa: E402
 from scripts.errors import add_debug_flag, run_cli  # noqa: E402
-from training.demo.evaluate import (accuracies, compare_table, evaluate_folder, format_table,  # noqa: E402
-                                    ground_truth_trials, write_grid)
+from training.demo.evaluate import (ATTRIBUTES, accuracies, compare_table, evaluate_folder,  # noqa: E402
+                                    format_table, ground_truth_trials, markdown_table, write_grid)
 from training.demo.shapes import NEW_SHAPES, SHAPES, evaluation_prompts  # noqa: E402
 
 
@@ -53,11 +53,11 @@ def main(argv=None) -> int:
     p.add_argument("--text-probe", type=Path, metavar="MODEL_DIR",
                    help="how linearly readable each attribute is from the text encoders' output (pooled vector, "
                         "padding tokens) of this demo model set, 4,000 one-object captions; then exit")
-    add_debug_flag(p)
     p.add_argument("--restore", type=Path, metavar="MODEL_DIR",
                    help="per noise level: new scenes noised to sigma s and denoised by this demo model set, read "
                         "back (where the model decides each attribute; training.demo.train.restoration_check)")
     p.add_argument("--restore-count", type=int, default=48, metavar="N", help="with --restore: scenes (default 48)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
     if args.prompts:
         for prompt, _ in evaluation_prompts(args.prompts, args.per_combination):
@@ -77,24 +77,22 @@ def main(argv=None) -> int:
         from encoders import TextConditioner
     if args.restore:
         from mmditx import load_mmditx
-        from training.demo.train import RESTORE_LEVELS, restoration_check
+        from training.demo.train import restoration_check
         from vae import load_vae
 
         model_file = args.restore / "sd3.5_medium.safetensors"
         table = restoration_check(load_mmditx(model_file).eval(), load_vae(model_file).eval(),
                                   TextConditioner.from_model_dir(args.restore, t5="off"), count=args.restore_count)
-        shown = ("background", "colour", "shape", "size", "position")
-        print("| from sigma | " + " | ".join(shown) + " |\n" + "|---" * (len(shown) + 1) + "|")
-        for level in RESTORE_LEVELS:
-            print(f"| {level} | " + " | ".join(f"{r / k:.1%}" for r, k in (table[level][a] for a in shown)) + " |")
+        print(markdown_table(["from sigma", *ATTRIBUTES],
+                             [[str(level)] + [f"{r / k:.1%}" for r, k in map(row.get, ATTRIBUTES)]
+                              for level, row in table.items()]))
         return 0
     if args.text_probe:
-        from training.demo.text import PROBED, attribute_probe
+        from training.demo.text import attribute_probe
 
         probe = attribute_probe(TextConditioner.from_model_dir(args.text_probe, t5="off"))
-        print("| features | " + " | ".join(PROBED) + " |\n" + "|---" * (len(PROBED) + 1) + "|")
-        for features, row in probe.items():
-            print(f"| {features} | " + " | ".join(f"{row[a]:.1%}" for a in PROBED) + " |")
+        print(markdown_table(["features", *ATTRIBUTES], [[features] + [f"{row[a]:.1%}" for a in ATTRIBUTES]
+                                                        for features, row in probe.items()]))
         return 0
     shapes = SHAPES + NEW_SHAPES if args.new_shapes else SHAPES
     if args.self_test:

@@ -370,16 +370,19 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def compare_table(tables: dict[str, dict]) -> str:
     """A markdown table of several runs' accuracies, one row per run: each cell 'seen / held out'."""
     attrs = [a for a in list(ATTRIBUTES) + ["count", "all (1 object)", "all (2 objects)"]
              if any(a in t.get(s, {}) for t in tables.values() for s in t)]
     pct = lambda c: f"{100 * c[0] / c[1]:.0f}" if c and c[1] else "-"  # noqa: E731
-    lines = ["| run | " + " | ".join(attrs) + " |", "|---" * (len(attrs) + 1) + "|"]
-    for name, t in tables.items():
-        cells = [" / ".join(pct(t.get(s, {}).get(a)) for s in ("seen", "held_out") if s in t) for a in attrs]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return markdown_table(["run"] + attrs, [
+        [name] + [" / ".join(pct(t.get(s, {}).get(a)) for s in ("seen", "held_out") if s in t) for a in attrs]
+        for name, t in tables.items()])
 
 
 def write_grid(items: list[Item], path: str | os.PathLike, columns: int = 8, tile: int = 128) -> Path:

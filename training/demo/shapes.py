@@ -401,6 +401,17 @@ def training_sample(index: int, seed: int = 0, shapes: tuple[str, ...] = SHAPES)
     return scene, named, write_caption(named, rng)
 
 
+def one_object_samples(count: int, seed: int) -> list[tuple[Scene, Scene, str]]:
+    """The first `count` one-object samples of dataset `seed` (training_sample's triples), for the probes."""
+    samples, index = [], 0
+    while len(samples) < count:
+        sample = training_sample(index, seed)
+        index += 1
+        if len(sample[0].objects) == 1:
+            samples.append(sample)
+    return samples
+
+
 def make_sample(index: int, seed: int = 0, size: int = 128,
                 shapes: tuple[str, ...] = SHAPES) -> tuple[Image.Image, str, dict]:
     """(image, caption, sidecar) of training_sample(index, seed, shapes)."""

@@ -100,9 +100,6 @@ def save_text_encoders(conditioner, root) -> None:
 
 
 # -- what the encoders carry -------------------------------------------------------------------------------
-PROBED = ("background", "colour", "shape", "size", "position")
-
-
 def _fit_and_score(features: torch.Tensor, labels: list[str], train_share: float = 0.75) -> float:
     """Multinomial logistic regression (L-BFGS, a little L2) on the first `train_share` of the rows;
     the held-back rows' accuracy."""
@@ -131,17 +128,13 @@ def attribute_probe(conditioner, count: int = 4000, seed: int = 1) -> dict[str, 
     A linear probe (logistic regression) on `count` training-style captions of dataset `seed`, scored on a
     quarter held back: {features: {attribute: accuracy}} for the pooled vector (adaLN) and the mean of the
     padding tokens 40-76 of CLIP-L ++ CLIP-G (attention; captions end well before token 40)."""
-    from .shapes import training_sample
+    from .evaluate import ATTRIBUTES
+    from .shapes import one_object_samples
 
-    captions, labels = [], {a: [] for a in PROBED}
-    index = 0
-    while len(captions) < count:
-        _, named, caption = training_sample(index, seed)
-        index += 1
-        if len(named.objects) == 1:
-            captions.append(caption)
-            for a in PROBED:
-                labels[a].append(named.background if a == "background" else getattr(named.objects[0], a))
+    samples = one_object_samples(count, seed)
+    captions = [caption for _, _, caption in samples]
+    labels = {a: [named.background if a == "background" else getattr(named.objects[0], a)
+                  for _, named, _ in samples] for a in ATTRIBUTES}
     pooled, padding = [], []
     for start in range(0, count, 256):
         context, pool = conditioner.encode(captions[start:start + 256])
@@ -150,8 +143,8 @@ def attribute_probe(conditioner, count: int = 4000, seed: int = 1) -> dict[str, 
     result = {}
     for name, features in (("pooled", torch.cat(pooled)), ("padding tokens", torch.cat(padding))):
         result[name] = {}
-        for a in PROBED:
+        for a in ATTRIBUTES:
             named = [k for k, v in enumerate(labels[a]) if v is not None]      # captions may leave it out
             result[name][a] = round(_fit_and_score(features[named], [labels[a][k] for k in named]), 3)
-    result["chance"] = {a: round(1 / len({v for v in labels[a] if v is not None}), 3) for a in PROBED}
+    result["chance"] = {a: round(1 / len({v for v in labels[a] if v is not None}), 3) for a in ATTRIBUTES}
     return result

@@ -23,7 +23,7 @@ from vae import image_to_tensor
 
 from .evaluate import Trial, accuracies, format_table, read_image, score
 from .model_set import AUTOENCODER, SIZE, TRANSFORMER, write_model_file, write_text_encoders
-from .shapes import describe, evaluation_prompts, held_out_reasons, render, training_sample
+from .shapes import describe, evaluation_prompts, held_out_reasons, one_object_samples, render, training_sample
 
 Log = Callable[[str], None]
 
@@ -258,24 +258,21 @@ RESTORE_LEVELS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 @torch.no_grad()
 def restoration_check(model, vae, conditioner, levels=RESTORE_LEVELS, count: int = 48, seed: int = 7,
-                      cfg: float = 5.0, steps: int = 50) -> dict[float, dict[str, tuple[int, int]]]:
+                      cfg: float | None = None, steps: int = 50) -> dict[float, dict[str, tuple[int, int]]]:
     """At which noise level does the model decide each attribute? `count` new one-object scenes (dataset `seed`)
     are encoded, noised to sigma s with one fixed noise, and denoised from s to 0 (Euler over the pipeline's
-    schedule from s on, CFG `cfg`, the scene's full description as prompt); the reader then scores what came
-    back: {s: {attribute: (right, asked)}}. s = 0 is the VAE's reconstruction (the ceiling), s = 1 drawing
-    from the prompt alone; where an attribute falls between the two is where the model fails to decide it."""
+    schedule from s on, CFG `cfg` (None: the default preset's), the scene's full description as prompt); the
+    reader then scores what came back: {s: {attribute: (right, asked)}}. s = 0 is the VAE's reconstruction (the
+    ceiling), s = 1 drawing from the prompt alone; where an attribute falls between the two is where the model
+    fails to decide it."""
     from sampling.defaults import DEFAULTS
     from sampling.guidance import GuidedDenoiser
     from sampling.samplers import get_sampler
     from sampling.schedule import sigmas
     from vae import tensor_to_images
 
-    scenes, index = [], 0
-    while len(scenes) < count:
-        scene, _, _ = training_sample(index, seed)
-        index += 1
-        if len(scene.objects) == 1:
-            scenes.append(scene)
+    cfg = DEFAULTS["cfg"] if cfg is None else cfg
+    scenes = [scene for scene, _, _ in one_object_samples(count, seed)]
     x0 = vae.encode(image_to_tensor([render(s, SIZE) for s in scenes]), sample=False)   # (N, 16, 16, 16)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     cond, uncond = conditioner.encode([describe(s) for s in scenes]), conditioner.encode([""] * count)
