@@ -129,6 +129,8 @@ class Trace:
     def _on_joint_attention(self, i):
         def hook(module, args):
             if self._active(i):
+                if len(args) > 3:
+                    raise ValueError("attention maps need the full context: trace without context_repeats")
                 q, k, _ = args
                 p, Lc = attention_probs(q, k, self.heads), self._context_len[i]
                 self._rec(i)["attention"] = {

@@ -104,7 +104,7 @@ class JointBlock(nn.Module):
         self.joint_attn = Attention()                                  # over [context ; x]
         self.x_attn2 = Attention() if dual_attention else None         # over x only
 
-    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
+    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor, key_bias: torch.Tensor | None = None):
         c_mod = self.context_block.modulation(c)
         x_mod = self.x_block.modulation(c)
         (cq, ck, cv), _ = self.context_block.pre_attention(context, c_mod)
@@ -112,7 +112,8 @@ class JointBlock(nn.Module):
 
         # Joint attention over the concatenated sequence, text first (official order).
         Lc = context.shape[1]
-        out = self.joint_attn(torch.cat([cq, xq], dim=2), torch.cat([ck, xk], dim=2), torch.cat([cv, xv], dim=2))
+        q, k, v = torch.cat([cq, xq], dim=2), torch.cat([ck, xk], dim=2), torch.cat([cv, xv], dim=2)
+        out = self.joint_attn(q, k, v) if key_bias is None else self.joint_attn(q, k, v, key_bias)
         c_out, x_out = out[:, :, :Lc], out[:, :, Lc:]
         x_out2 = self.x_attn2(*x_qkv2) if x_qkv2 is not None else None
 

@@ -150,5 +150,7 @@ class Attention(nn.Module):
     and recompute the probabilities on the side, leaving the fast fused kernel and the outputs untouched.
     """
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """key_bias: optional (1, 1, 1, L) added to every query's logits (log of how many copies a key stands for)."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)

@@ -119,13 +119,19 @@ class MMDiTX(nn.Module):
         return {"context_fn": functools.partial(create_selective_checkpoint_contexts, keep_products)}
 
     def forward(self, x: torch.Tensor, t, context: torch.Tensor, y: torch.Tensor,
-                skip_layers=(), pos_offset: tuple[int, int] | None = None, controls=()) -> torch.Tensor:
+                skip_layers=(), pos_offset: tuple[int, int] | None = None, controls=(),
+                context_repeats: torch.Tensor | None = None) -> torch.Tensor:
         """pos_offset: (top, left) of the positional-table crop in patches; None (inference) is the center.
-        controls: [(ControlNet, control_latent, strength), ...] (mmditx.controlnet), latents (B or 1, C, H, W)."""
+        controls: [(ControlNet, control_latent, strength), ...] (mmditx.controlnet), latents (B or 1, C, H, W).
+        context_repeats: optional (Lc,) counts: context token i stands for that many identical tokens (made by
+        training.objective.merge_repeated_context). Exact: identical context tokens stay identical through every
+        block (context tokens have no positions), so n copies are one key whose logit is raised by log n."""
         t = self.check_inputs(x, t, context, y)
         skip = set(skip_layers)
         if not skip <= set(range(self.config.depth)):
             raise ValueError(f"skip_layers {sorted(skip)} outside the model's blocks 0..{self.config.depth - 1}")
+        if context_repeats is not None and controls:
+            raise ValueError("context_repeats cannot be combined with ControlNet controls; pass the full context")
         dtype = self.pos_embed.dtype                                            # the weights' (streamed: computed)
         p = self.config.patch_size
         h, w = x.shape[-2] // p, x.shape[-1] // p
@@ -137,6 +143,9 @@ class MMDiTX(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)                             # (B, D)
         control = control_residuals(self, controls, latent, x, t, context, y, skip) if controls else {}
         context = self.context_embedder(context)                                # (B, Lc, D)
+        key_bias = None
+        if context_repeats is not None:
+            key_bias = torch.cat([context_repeats.to(x.device, x.dtype).log(), x.new_zeros(h * w)]).view(1, 1, 1, -1)
 
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         options = self._checkpoint_options() if recompute else {}
@@ -144,9 +153,9 @@ class MMDiTX(nn.Module):
             if i in skip:
                 continue
             if recompute:
-                context, x = checkpoint(block, context, x, c, use_reentrant=False, **options)
+                context, x = checkpoint(block, context, x, c, key_bias, use_reentrant=False, **options)
             else:
-                context, x = block(context, x, c)
+                context, x = block(context, x, c, key_bias)
             if i in control:
                 x = x + control[i]                                              # ControlNet residual
 

@@ -34,6 +34,7 @@ class Objective:
     shift: float | None = 3.0         # None: resolution-dependent, see resolution_shift
     weighting: str = "none"
     random_pos_crop: bool = True      # SD3.5: a random window of the positional table, not the center one
+    merge_repeated_context: bool = False  # compute T5-off's 77 zero tokens once (exact): merge_repeated_context
 
     def __post_init__(self):
         if self.sampling not in SAMPLING_SCHEMES:
@@ -109,6 +110,21 @@ def draw(objective: Objective, model_config, x0_shape, generator: torch.Generato
     return Draw(sigmas, noise, offset)
 
 
+def merge_repeated_context(context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, L, Dc) -> (B, L - n + 1, Dc) and (L - n + 1,) repeats, where the last n tokens are the same vector in
+    every sample (n > 1): SD3 without T5 pads its 77 T5 tokens with zeros. They stay equal through the model,
+    so MMDiTX.forward(context_repeats=...) computes them once, exactly (for the demo, 154 -> 78 context tokens).
+    (context, None) when there is nothing to merge."""
+    same = (context == context[:, -1:]).flatten(2).all(-1).all(0)              # (L,) equal to the last token
+    n = int(same.flip(0).cumprod(0).sum())                                    # length of the trailing run
+    if n < 2:
+        return context, None
+    L = context.shape[1]
+    repeats = torch.ones(L - n + 1, dtype=torch.float32)
+    repeats[-1] = n
+    return context[:, :L - n + 1], repeats
+
+
 def flow_matching_loss(model, objective: Objective, x0: torch.Tensor, context: torch.Tensor, y: torch.Tensor,
                        d: Draw, where: torch.Tensor | None = None) -> torch.Tensor:
     """The weighted mean squared velocity error of `model` on model-space latents x0 (B, C, h, w).
@@ -116,7 +132,9 @@ def flow_matching_loss(model, objective: Objective, x0: torch.Tensor, context: t
     each sample's error is their weighted mean."""
     x0 = x0.float()
     sigmas, noise = d.sigmas.to(x0.device), d.noise.to(x0.device)
-    pred = model(noisy_latent(x0, noise, sigmas), sigmas * 1000, context, y, pos_offset=d.offset)
+    context, repeats = merge_repeated_context(context) if objective.merge_repeated_context else (context, None)
+    extra = {} if repeats is None else {"context_repeats": repeats}
+    pred = model(noisy_latent(x0, noise, sigmas), sigmas * 1000, context, y, pos_offset=d.offset, **extra)
     error = F.mse_loss(pred.float(), noise - x0, reduction="none")                 # (B, C, h, w)
     if where is None:
         per_sample = error.flatten(1).mean(1)
