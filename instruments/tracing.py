@@ -96,7 +96,7 @@ class Trace:
 
     def _on_block_in(self, i):
         def hook(module, args):
-            context, x, _ = args
+            context, x = args[:2]                     # (context, x, c[, key_bias])
             self._context_len[i] = context.shape[1]
             if self._active(i):
                 rec = self._rec(i)
