@@ -35,8 +35,8 @@ class DemoOptions:
     vae_steps: int = 1100
     vae_batch: int = 8
     vae_crop: int = 64              # the VAE trains on random crops: 4x cheaper, and it is convolutional
-    steps: int = 6500
-    batch_size: int = 16
+    steps: int = 2400
+    batch_size: int = 32
     lr: float = 4e-4
     warmup_steps: int = 100
     caption_dropout: float = 0.1    # share of captions replaced by "" (the negative prompt CFG uses)
@@ -46,7 +46,7 @@ class DemoOptions:
     text_steps: int = 1500          # contrastive training of the text encoders (training.demo.text)
     text_batch: int = 256
     text_lr: float = 1e-3
-    check_every: int = 1000         # steps between caption checks (see caption_check)
+    check_every: int = 250          # steps between caption checks (see caption_check)
     draw_prompts: int = 13          # prompts per split sampled and read at each check (see drawing_check)
     checks: int = 300               # new scenes (beyond the training ones) the VAE gate reads back
 
