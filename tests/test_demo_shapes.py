@@ -121,6 +121,18 @@ def test_every_template_parses_back_to_what_it_names(n):
         sh.write_caption(named, rng, "tags" if n == 2 else "positions")
 
 
+def test_full_captions_name_everything_of_the_same_scene_in_varied_templates():
+    starts = set()
+    for i in range(300):
+        scene = sh.training_sample(i, 5)[0]
+        parsed = sh.parse_caption(sh.full_caption(i, 5))
+        key = lambda o: tuple(o.attributes().values())   # the scene names every attribute: no None
+        assert parsed.background == scene.background
+        assert sorted(map(key, parsed.objects)) == sorted(map(key, scene.objects))
+        starts.add(sh.full_caption(i, 5).split()[0])
+    assert len(starts) >= 4 and sh.full_caption(3, 5) != sh.full_caption(3, 6)
+
+
 @pytest.mark.parametrize("caption, expected", [
     ("a small red circle to the left of a blue triangle on a white background",
      Scene("white", (Obj("circle", "red", "small", "left"), Obj("triangle", "blue", None, "right")))),
