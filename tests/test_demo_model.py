@@ -20,7 +20,7 @@ def toy_demo(tmp_path_factory):
     work = tmp_path_factory.mktemp("demo")
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--work", str(work / "w"),
                           "--images", "32", "--vae-steps", "2", "--steps", "2", "--batch-size", "4", "--checks", "2",
-                          "--check-every", "1", "--draw-prompts", "1",
+                          "--check-every", "1", "--draw-prompts", "1", "--full-caption-steps", "1",
                           "--text-steps", "2", "--text-batch", "8"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr

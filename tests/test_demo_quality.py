@@ -7,9 +7,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# measured on the shipped v1 (seed 0): background 8/8, colour 6/8, position 7/8; a text-blind model that
-# draws one centred blob on white scores at most 4/8, 1/8, 0/8
-QUALITY_FLOOR = {"background": 0.75, "colour": 0.5, "position": 0.625}
+# measured on the shipped v2 (seed 0): background 8/8, colour 8/8, position 8/8 (v1: 8/8, 6/8, 7/8); a
+# text-blind model that draws one centred blob on white scores at most 4/8, 1/8, 0/8
+QUALITY_FLOOR = {"background": 0.75, "colour": 0.75, "position": 0.75}
 SHIPPED = ROOT / "sampling" / "demo_model"
 QUALITY_PROMPTS = ["a red circle on the left, on a white background", "a blue square on the right, on a black background",
                    "a yellow triangle at the top, on a black background", "a green circle at the bottom, on a black background",
@@ -32,7 +32,7 @@ def test_the_shipped_demo_model_draws_what_it_is_asked(tmp_path):
                           "--seed", "0", "--out", str(tmp_path / "gen"), "--quiet"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert out.returncode == 0 and "DEMO MODEL" in out.stderr, out.stderr
-    assert "does not follow shape words" in out.stderr     # what it cannot do is said, not left to be found
+    assert "does not reliably follow shape words" in out.stderr     # what it cannot do is said, not left to be found
     items, problems = evaluate_folder(tmp_path / "gen")
     assert not problems and len(items) == len(QUALITY_PROMPTS), problems
     table = accuracies(items)["seen"]
@@ -76,7 +76,8 @@ def test_the_shipped_text_encoders_carry_every_attribute(capsys):
 def test_restoration_check_on_the_shipped_model():
     """training.demo.train.restoration_check on 16 new scenes: from sigma 0 (the VAE's reconstruction) the
     reader gets shape and colour (the ceiling), from sigma 0.2 the model keeps them, and from pure noise it
-    places the object where the prompt says (v1 measured on 48: shape 81% / 79% / 25%, position 100/100/94%)."""
+    places the object where the prompt says (v2 measured on these 16: shape 13 / 14 / 6, position 16 / 16 / 16;
+    v1 on 48: shape 81% / 79% / 25%, position 100/100/94%)."""
     from mmditx import load_mmditx
     from training.demo.train import restoration_check
     from encoders import TextConditioner

@@ -36,8 +36,8 @@ class DemoOptions:
     vae_steps: int = 1100
     vae_batch: int = 8
     vae_crop: int = 64              # the VAE trains on random crops: 4x cheaper, and it is convolutional
-    steps: int = 2400
-    batch_size: int = 32
+    steps: int = 6500
+    batch_size: int = 16
     lr: float = 4e-4
     warmup_steps: int = 100
     caption_dropout: float = 0.1    # share of captions replaced by "" (the negative prompt CFG uses)
@@ -47,8 +47,8 @@ class DemoOptions:
     text_steps: int = 1500          # contrastive training of the text encoders (training.demo.text)
     text_batch: int = 256
     text_lr: float = 1e-3
-    full_caption_steps: int = 0     # steps on captions that name everything before the dataset's; see train_transformer
-    check_every: int = 250          # steps between caption checks (see caption_check)
+    full_caption_steps: int = 4500  # steps on captions that name everything before the dataset's; see train_transformer
+    check_every: int = 1000         # steps between caption checks (see caption_check)
     draw_prompts: int = 13          # prompts per split sampled and read at each check (see drawing_check)
     checks: int = 300               # new scenes (beyond the training ones) the VAE gate reads back
 
@@ -331,9 +331,10 @@ def train_transformer(latents, captions, objects, vae, model_dir: Path, opts: De
     checks_file = work / "transformer" / "caption_checks.json"      # kept across resumes
     checks = json.loads(checks_file.read_text()) if checks_file.is_file() else {}
     while trainer.step < opts.steps:
-        phase_end = opts.full_caption_steps if trainer.step < opts.full_caption_steps else opts.steps
-        dataset.captions = full if trainer.step < opts.full_caption_steps else captions
-        trainer.train(until=min(phase_end, trainer.step + opts.check_every - trainer.step % opts.check_every))
+        first_phase = trainer.step < opts.full_caption_steps
+        dataset.captions = full if first_phase else captions
+        trainer.train(until=min(opts.full_caption_steps if first_phase else opts.steps, opts.steps,
+                                trainer.step + opts.check_every - trainer.step % opts.check_every))
         if trainer.step % opts.check_every and trainer.step < opts.steps:
             continue   # a phase ended between checks
         check = caption_check(model, probe)
