@@ -49,7 +49,8 @@ def test_train_demo_controlnet_trains_writes_an_official_file_and_judges_it(tmp_
 def test_the_shipped_demo_controlnet_steers_position(tmp_path):
     """The shipped net on the first 8 of the script's test scenes (prompts name only colour and background):
     the reader finds the edges' position far more often with the net than without it. Measured at shipping:
-    with 5/8, without 2/8 (24 scenes: 14/24 against 4/24; the net of version 1 on version 1: 11/24, 2/24); a net that did nothing would score as without."""
+    with 5/8, without 2/8 (24 scenes: 14/24 against 4/24; version 1's net on version 1: 11/24, 2/24); a net
+    that did nothing would score as without."""
     from scripts import train_demo_controlnet
 
     assert SHIPPED_NET.is_file(), "no demo ControlNet in sampling/demo_controlnet"
