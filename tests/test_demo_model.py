@@ -19,8 +19,8 @@ def toy_demo(tmp_path_factory):
     """scripts/train_demo.py at toy size: scenes, VAE (with its gate), latents, text encoders, transformer."""
     work = tmp_path_factory.mktemp("demo")
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--work", str(work / "w"),
-                          "--images", "32", "--vae-steps", "2", "--steps", "2", "--batch-size", "4", "--checks", "2",
-                          "--check-every", "1", "--draw-prompts", "1", "--full-caption-steps", "1",
+                          "--images", "32", "--vae-steps", "2", "--steps", "3", "--batch-size", "4", "--checks", "2",
+                          "--check-every", "1", "--draw-prompts", "1", "--one-object-steps", "1", "--full-caption-steps", "2",
                           "--text-steps", "2", "--text-batch", "8"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -44,13 +44,13 @@ def test_train_demo_runs_every_stage_and_writes_the_official_layout(toy_demo):
         f = open_safetensors(path)
         assert {f.dtype(k) for k in f.keys()} == {torch.float16}, path
     assert read_config(files.model) == TRANSFORMER   # SLG's layers 7, 8, 9 exist: depth 10
-    assert set(info["caption_checks"]) == {"1", "2"} and "transformer step 2: loss with right / shuffled" in log
-    check = dict(info["caption_checks"]["2"])
+    assert set(info["caption_checks"]) == {"1", "2", "3"} and "transformer step 3: loss with right / shuffled" in log
+    check = dict(info["caption_checks"]["3"])
     drawn = check.pop("drawn")      # the reader on sampled prompts, both splits
     assert set(check.pop("word_gaps")) == {"position", "colour"}
     assert set(check) == {"0.8", "0.95", "1.0"} and all(len(pair) == 2 for pair in check.values())
     assert set(drawn) == {"seen", "held_out"} and drawn["held_out"]["colour"][1] >= 1
-    assert "transformer step 2: the reader on sampled prompts" in log
+    assert "transformer step 3: the reader on sampled prompts" in log
 
 
 class _Oracle(torch.nn.Module):
@@ -65,6 +65,41 @@ class _Oracle(torch.nn.Module):
 class _Blind(torch.nn.Module):
     def forward(self, x, t, context, y, pos_offset=None):
         return torch.zeros_like(x)
+
+
+def test_training_phases_one_object_first_then_full_captions_then_the_mix():
+    from training.demo.train import DemoOptions, training_phase
+
+    opts = DemoOptions(steps=10, one_object_steps=3, full_caption_steps=6, full_caption_share=0.25, check_every=4)
+    assert [training_phase(s, opts) for s in (0, 3, 4, 6, 8, 9)] == [
+        (True, 1.0, 3), (False, 1.0, 4), (False, 1.0, 6), (False, 0.25, 8), (False, 0.25, 10), (False, 0.25, 10)]
+
+
+class _Recorder:
+    """A text conditioner that keeps the prompts it was asked to encode."""
+    clip_l = clip_g = type("Clip", (), {"config": type("Config", (), {"width": 1})})
+
+    def encode(self, prompts):
+        self.prompts = prompts
+        return torch.zeros(len(prompts), 1, 1), torch.zeros(len(prompts), 1)
+
+
+def test_scene_dataset_reads_full_captions_at_the_share_it_is_given():
+    from training.demo.train import SceneDataset
+
+    conditioner = _Recorder()
+    data = SceneDataset(torch.zeros(4, 1, 2, 2), ["short 0", "short 1", "short 2", "short 3"], conditioner,
+                        caption_dropout=0.0, seed=0, full=["full 0", "full 1", "full 2", "full 3"])
+    picks = []     # the share of full captions read
+    for share in (0.0, 1.0, 0.5):
+        data.full_share = share
+        counts = 0
+        for _ in range(50):
+            data.batch([0, 1, 2, 3])
+            assert [p.split()[1] for p in conditioner.prompts] == ["0", "1", "2", "3"]   # each scene's own
+            counts += sum(p.startswith("full") for p in conditioner.prompts)
+        picks.append(counts / 200)
+    assert picks[0] == 0 and picks[1] == 1 and 0.4 < picks[2] < 0.6, picks
 
 
 def test_caption_check_tells_a_caption_reader_from_a_text_blind_model():

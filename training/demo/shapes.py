@@ -401,10 +401,11 @@ def training_sample(index: int, seed: int = 0, shapes: tuple[str, ...] = SHAPES)
     return scene, named, write_caption(named, rng)
 
 
-def full_caption(index: int, seed: int = 0) -> str:
+def full_caption(index: int, seed: int = 0, scene: Scene | None = None) -> str:
     """Sample `index`'s scene in a caption that names everything (a template drawn as for any caption): what
-    the transformer reads first, before the captions that leave attributes out (DemoOptions.full_caption_steps)."""
-    scene = training_sample(index, seed)[0]
+    the transformer reads first, before the captions that leave attributes out (DemoOptions.full_caption_steps).
+    `scene`: that sample's scene when the caller has it already (else drawn again)."""
+    scene = scene or training_sample(index, seed)[0]
     rng = np.random.default_rng([seed, 1, index])
     return write_caption(named_attributes(scene, rng, drop=0, drop_shape=0), rng)
 

@@ -47,7 +47,9 @@ class DemoOptions:
     text_steps: int = 1500          # contrastive training of the text encoders (training.demo.text)
     text_batch: int = 256
     text_lr: float = 1e-3
+    one_object_steps: int = 3000    # first steps: one-object scenes only; see train_transformer
     full_caption_steps: int = 4500  # steps on captions that name everything before the dataset's; see train_transformer
+    full_caption_share: float = 0.5  # after full_caption_steps, the share of captions still in full
     check_every: int = 1000         # steps between caption checks (see caption_check)
     draw_prompts: int = 13          # prompts per split sampled and read at each check (see drawing_check)
     checks: int = 300               # new scenes (beyond the training ones) the VAE gate reads back
@@ -150,13 +152,16 @@ class SceneDataset:
     memory, captions encoded on the fly by the frozen demo text encoders (tiny: cheaper than caching
     154 x 4096 contexts), a share of captions replaced by "" for classifier-free guidance, and the loss
     weights of the latent cells: `object_weight` where an object is (`objects`, from object_cells), 1 elsewhere.
-    The background fills ~90% of a scene; with a plain mean the first full runs learned it and little else."""
+    The background fills ~90% of a scene; with a plain mean the first full runs learned it and little else.
+    `full`: the same scenes in captions that name everything, read instead of `captions` with chance
+    `full_share` (set by the caller as training goes on)."""
 
     def __init__(self, latents: torch.Tensor, captions: list[str], conditioner, caption_dropout: float, seed: int,
-                 objects: torch.Tensor | None = None, object_weight: float = 1.0):
+                 objects: torch.Tensor | None = None, object_weight: float = 1.0, full: list[str] | None = None):
         from training.objective import ConditioningLayout
 
         self.latents, self.captions, self.conditioner = latents, captions, conditioner
+        self.full, self.full_share = full or captions, 0.0
         self.objects, self.object_weight = objects, object_weight
         self.buckets = {tuple(latents.shape[-2:]): list(range(len(captions)))}
         self.flip = False   # a mirror would turn "left" into "right"
@@ -169,7 +174,9 @@ class SceneDataset:
 
     def batch(self, indices: list[int], flips=None):
         drop = torch.rand(len(indices), generator=self.generator) < self.dropout
-        prompts = ["" if d else self.captions[i] for i, d in zip(indices, drop.tolist())]
+        full = torch.rand(len(indices), generator=self.generator) < self.full_share
+        prompts = ["" if d else (self.full if f else self.captions)[i]
+                   for i, d, f in zip(indices, drop.tolist(), full.tolist())]
         context, pooled = self.conditioner.encode(prompts)
         if self.objects is None or self.object_weight == 1:
             return self.latents[indices].float(), context, pooled
@@ -293,11 +300,20 @@ def restoration_check(model, vae, conditioner, levels=RESTORE_LEVELS, count: int
     return result
 
 
+def training_phase(step: int, opts: DemoOptions) -> tuple[bool, float, int]:
+    """What the transformer trains on from `step`: (one-object scenes only?, share of captions in full, the step
+    where that ends: the next phase boundary or check)."""
+    next_check = step + opts.check_every - step % opts.check_every
+    until = min(b for b in (opts.one_object_steps, opts.full_caption_steps, opts.steps, next_check) if b > step)
+    full_share = 1.0 if step < opts.full_caption_steps else opts.full_caption_share
+    return step < opts.one_object_steps, full_share, until
+
+
 def train_transformer(latents, captions, objects, vae, model_dir: Path, opts: DemoOptions, work: Path, log: Log):
     from encoders import TextConditioner
     from mmditx import MMDiTX
     from mmditx.init import init_weights
-    from training.loop import TrainConfig, Trainer
+    from training.loop import BatchOrder, TrainConfig, Trainer
     from training.objective import Objective
 
     conditioner = TextConditioner.from_model_dir(model_dir, t5="off")
@@ -305,7 +321,10 @@ def train_transformer(latents, captions, objects, vae, model_dir: Path, opts: De
     model.requires_grad_(True)
     log(f"transformer: {sum(p.numel() for p in model.parameters()):,} parameters, {opts.steps} steps of "
         f"{opts.batch_size}")
-    dataset = SceneDataset(latents, captions, conditioner, opts.caption_dropout, opts.seed, objects, opts.object_weight)
+    scenes = [training_sample(i, opts.seed)[0] for i in range(len(captions))]
+    full = [full_caption(i, opts.seed, scene) for i, scene in enumerate(scenes)]
+    dataset = SceneDataset(latents, captions, conditioner, opts.caption_dropout, opts.seed, objects,
+                           opts.object_weight, full)
     # Noise levels: the layout of a scene, and so everything the caption decides, is settled at high noise,
     # and the sampler (shift 3) spends its first steps at sigma >= 0.95. A run at shift 1 (1.4% of sigmas
     # above 0.9) learned the pictures without reading its captions; one at logit-normal shift 3 (13.5% above
@@ -317,12 +336,15 @@ def train_transformer(latents, captions, objects, vae, model_dir: Path, opts: De
                          objective=Objective(sampling=opts.sigma_sampling, shift=opts.shift,
                                              random_pos_crop=False,       # the table fits 16x16
                                              merge_repeated_context=True))  # T5 off: 77 zero tokens, once
-    # Captions first name everything, then leave attributes out as the dataset's do (short prompts work). From
-    # the start, the dataset's captions (77% leave something out) held the shape back: with perfect
-    # conditioning, one object, 3,500 steps of 16, 5 of 24 shapes drawn against 13 when every caption names
-    # everything (docs/demo_model.md, "Captions that leave attributes out").
-    full = [full_caption(i, opts.seed) for i in range(len(captions))]
+    # Three phases. Captions first name everything, then half of them leave attributes out as the dataset's do
+    # (short prompts work). From the start, the dataset's captions (77% leave something out) held the shape
+    # back: with perfect conditioning, one object, 3,500 steps of 16, 5 of 24 shapes drawn against 13 when
+    # every caption names everything; and the two-object scenes delay it too (8 of 24 with them), so the first
+    # steps show one object only (docs/demo_model.md, "Captions that leave attributes out").
+    one_object = [i for i, scene in enumerate(scenes) if len(scene.objects) == 1]
     trainer = Trainer(model, dataset, config, work / "transformer")
+    orders = {True: BatchOrder({key: one_object for key in dataset.buckets}, opts.batch_size, opts.seed),
+              False: trainer.order}
     state = work / "transformer" / "state.pt"
     if state.is_file():
         trainer.resume(state)
@@ -331,10 +353,9 @@ def train_transformer(latents, captions, objects, vae, model_dir: Path, opts: De
     checks_file = work / "transformer" / "caption_checks.json"      # kept across resumes
     checks = json.loads(checks_file.read_text()) if checks_file.is_file() else {}
     while trainer.step < opts.steps:
-        first_phase = trainer.step < opts.full_caption_steps
-        dataset.captions = full if first_phase else captions
-        trainer.train(until=min(opts.full_caption_steps if first_phase else opts.steps, opts.steps,
-                                trainer.step + opts.check_every - trainer.step % opts.check_every))
+        one_object_only, dataset.full_share, until = training_phase(trainer.step, opts)
+        trainer.order = orders[one_object_only]
+        trainer.train(until=until)
         if trainer.step % opts.check_every and trainer.step < opts.steps:
             continue   # a phase ended between checks
         check = caption_check(model, probe)
