@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.net is None:
-        images, captions = render_scenes(args.images, args.seed, say)
+        images, captions, _ = render_scenes(args.images, args.seed, say)
         vae = load_vae(files.vae or files.model)
         model = load_mmditx(files.model).eval()
         net = new_controlnet(model.config, args.depth, args.seed)

@@ -23,7 +23,7 @@ from vae import image_to_tensor
 
 from .evaluate import Trial, accuracies, format_table, read_image, score
 from .model_set import AUTOENCODER, SIZE, TRANSFORMER, write_model_file, write_text_encoders
-from .shapes import (describe, evaluation_prompts, full_caption, held_out_reasons, one_object_samples, render,
+from .shapes import (Scene, describe, evaluation_prompts, full_caption, held_out_reasons, one_object_samples, render,
                      training_sample)
 
 Log = Callable[[str], None]
@@ -62,17 +62,19 @@ def write_json(path: Path, value) -> None:
 
 
 # -- stage 1: scenes ---------------------------------------------------------------------------------------
-def render_scenes(count: int, seed: int, log: Log) -> tuple[torch.Tensor, list[str]]:
-    """(count, 3, SIZE, SIZE) uint8 images and their captions: the dataset of shapes.write_dataset, in memory."""
+def render_scenes(count: int, seed: int, log: Log) -> tuple[torch.Tensor, list[str], list[Scene]]:
+    """(count, 3, SIZE, SIZE) uint8 images, their captions and scenes: the dataset of shapes.write_dataset, in
+    memory."""
     images = torch.empty(count, 3, SIZE, SIZE, dtype=torch.uint8)
-    captions = []
+    captions, scenes = [], []
     for i in range(count):
         scene, _, caption = training_sample(i, seed)
         images[i] = torch.from_numpy(np.array(render(scene, SIZE))).permute(2, 0, 1)
         captions.append(caption)
+        scenes.append(scene)
         if (i + 1) % 4000 == 0:
             log(f"scenes: {i + 1}/{count}")
-    return images, captions
+    return images, captions, scenes
 
 
 def object_cells(images: torch.Tensor, down: int = 8) -> torch.Tensor:
@@ -309,7 +311,8 @@ def training_phase(step: int, opts: DemoOptions) -> tuple[bool, float, int]:
     return step < opts.one_object_steps, full_share, until
 
 
-def train_transformer(latents, captions, objects, vae, model_dir: Path, opts: DemoOptions, work: Path, log: Log):
+def train_transformer(latents, captions, scenes, objects, vae, model_dir: Path, opts: DemoOptions, work: Path,
+                      log: Log):
     from encoders import TextConditioner
     from mmditx import MMDiTX
     from mmditx.init import init_weights
@@ -321,7 +324,6 @@ def train_transformer(latents, captions, objects, vae, model_dir: Path, opts: De
     model.requires_grad_(True)
     log(f"transformer: {sum(p.numel() for p in model.parameters()):,} parameters, {opts.steps} steps of "
         f"{opts.batch_size}")
-    scenes = [training_sample(i, opts.seed)[0] for i in range(len(captions))]
     full = [full_caption(i, opts.seed, scene) for i, scene in enumerate(scenes)]
     dataset = SceneDataset(latents, captions, conditioner, opts.caption_dropout, opts.seed, objects,
                            opts.object_weight, full)
@@ -390,7 +392,7 @@ def build_demo(work: str | Path, out: str | Path, opts: DemoOptions = DemoOption
         log(f"== {name}: {times[name] / 60:.1f} min")
         return result
 
-    images, captions = stage("scenes", lambda: render_scenes(opts.images, opts.seed, log))
+    images, captions, scenes = stage("scenes", lambda: render_scenes(opts.images, opts.seed, log))
     objects = object_cells(images)
 
     vae_file = work / "vae.pt"
@@ -421,7 +423,8 @@ def build_demo(work: str | Path, out: str | Path, opts: DemoOptions = DemoOption
         stage("text_encoders", lambda: write_json(text_file, train_text(latents, captions, work / "text", opts, log)))
     for part in ("tokenizer", "tokenizer_2", "text_encoders"):
         shutil.copytree(work / "text" / part, out / part, dirs_exist_ok=True)
-    model, checks = stage("transformer", lambda: train_transformer(latents, captions, objects, vae, out, opts, work, log))
+    model, checks = stage("transformer", lambda: train_transformer(latents, captions, scenes, objects, vae, out,
+                                                                   opts, work, log))
     info = {"options": asdict(opts), "minutes": {k: round(v / 60, 1) for k, v in times.items()},
             "caption_checks": checks,
             "total_minutes": round(sum(times.values()) / 60, 1),
