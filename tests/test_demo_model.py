@@ -35,10 +35,11 @@ def test_train_demo_runs_every_stage_and_writes_the_official_layout(toy_demo):
     from training.demo.model_set import TRANSFORMER
 
     model, log = toy_demo
-    for stage in ("scenes", "vae", "latents", "decoder", "vae_gate", "text_encoders", "transformer"):
+    for stage in ("scenes", "vae_scenes", "vae", "latents", "decoder", "vae_gate", "text_encoders", "transformer"):
         assert f"== {stage}:" in log
     info = json.loads((model / "demo.json").read_text())
-    assert set(info["minutes"]) == {"scenes", "vae", "latents", "decoder", "vae_gate", "text_encoders", "transformer"}
+    assert set(info["minutes"]) == {"scenes", "vae_scenes", "vae", "latents", "decoder", "vae_gate", "text_encoders",
+                                    "transformer"}
     assert info["size"] == 128 and "shapes: circle" in info["vocabulary"] and info["examples"]
     files = ModelFiles.from_dir(model, t5="off")
     for path in (files.model, files.clip_l, files.clip_g):
@@ -277,26 +278,18 @@ def test_decoder_fine_tuning_leaves_the_encoder_and_lowers_the_object_error():
     assert object_error() < 0.6 * before          # measured 0.52x; an untrained decoder keeps 1x
 
 
-def test_the_vae_sees_random_colours_and_its_gate_the_held_out_pairs():
-    """The VAE's scenes: a share redrawn in random RGB colours (shapes.random_rgb), the rest the palette's
-    as rendered; the gate's scenes include held-out combinations."""
-    from training.demo.shapes import COLOURS, held_out_reasons, render, training_sample
-    from training.demo.train import gate_scenes, recoloured
+def test_the_vae_and_its_gate_see_every_combination_the_captioned_scenes_hold_out():
+    """training.demo.train.any_scenes: the VAE's scenes (stream 3) and its gate's (stream 4) include the
+    held-out combinations, which the training scenes never show; each stream is its own, and repeatable."""
+    from training.demo.shapes import held_out_reasons, training_sample
+    from training.demo.train import any_scenes
 
-    scenes = [training_sample(i)[0] for i in range(40)]
-    images = torch.stack([torch.from_numpy(np.array(render(s))).permute(2, 0, 1) for s in scenes])
-    mixed = recoloured(images, scenes, 0.5, seed=0)
-    changed = [i for i in range(40) if not torch.equal(mixed[i], images[i])]
-    assert 10 <= len(changed) <= 30
-    assert torch.equal(mixed, recoloured(images, scenes, 0.5, seed=0))
-    palette = {tuple(c) for c in COLOURS.values()}
-    for i in changed:
-        corner = tuple(mixed[i, :, 0, 0].tolist())
-        x, y, _ = scenes[i].objects[0].box
-        inside = tuple(mixed[i, :, int(y * 128), int(x * 128)].tolist())
-        assert inside not in palette and max(abs(a - b) for a, b in zip(inside, corner)) >= 80
-    held = sum(bool(held_out_reasons(s)) for s in gate_scenes(300, 0))
-    assert 30 <= held <= 150, held
+    vae_scenes, gate = any_scenes(300, 0, stream=3), any_scenes(300, 0, stream=4)
+    assert vae_scenes == any_scenes(300, 0, stream=3) and vae_scenes != gate
+    reasons = {r for s in vae_scenes for r in held_out_reasons(s)}
+    assert {r.split(":")[0] for r in reasons} == {"colour x shape", "colour x background", "shape pair"}
+    assert 30 <= sum(bool(held_out_reasons(s)) for s in gate) <= 150
+    assert not any(held_out_reasons(training_sample(i)[0]) for i in range(300))
 
 
 def test_vae_training_lowers_the_reconstruction_loss():

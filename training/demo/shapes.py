@@ -170,33 +170,20 @@ def _outline(shape: str) -> list[tuple[float, float]]:
 OUTLINES = {s: _outline(s) for s in SHAPES + NEW_SHAPES if s != "circle"}
 
 
-def render(scene: Scene, size: int = 128, supersample: int = 4, rgb: tuple | None = None) -> Image.Image:
+def render(scene: Scene, size: int = 128, supersample: int = 4) -> Image.Image:
     """The scene as an RGB image, size x size: drawn at `supersample` times the size and box-filtered down, so
-    edges are anti-aliased (each pixel holds the exact share of the shape it covers, to 1/supersample^2).
-    `rgb`: (background, (object, ...)) colours instead of the palette's (see random_rgb)."""
-    background, fills = rgb or (BACKGROUNDS[scene.background], [COLOURS[o.colour] for o in scene.objects])
+    edges are anti-aliased (each pixel holds the exact share of the shape it covers, to 1/supersample^2)."""
     big = size * supersample
-    image = Image.new("RGB", (big, big), tuple(background))
+    image = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
-    for o, fill in zip(scene.objects, fills):
+    for o in scene.objects:
         cx, cy, side = o.box
         x0, y0, s = (cx - side / 2) * big, (cy - side / 2) * big, side * big
         if o.shape == "circle":
-            draw.ellipse([x0, y0, x0 + s, y0 + s], fill=tuple(fill))
+            draw.ellipse([x0, y0, x0 + s, y0 + s], fill=COLOURS[o.colour])
         else:
-            draw.polygon([(x0 + u * s, y0 + v * s) for u, v in OUTLINES[o.shape]], fill=tuple(fill))
+            draw.polygon([(x0 + u * s, y0 + v * s) for u, v in OUTLINES[o.shape]], fill=COLOURS[o.colour])
     return image.resize((size, size), Image.BOX)
-
-
-def random_rgb(scene: Scene, rng: np.random.Generator, contrast: int = 80) -> tuple:
-    """Colours for render(scene, rgb=...) drawn uniformly from the RGB cube, every object at least `contrast`
-    away from the background in some channel: scenes in no palette colour, for the VAE (an image codec, which
-    then meets every palette colour on every background, held-out pairs included, without being shown one)."""
-    while True:
-        background = tuple(int(v) for v in rng.integers(0, 256, 3))
-        fills = [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in scene.objects]
-        if all(max(abs(f - b) for f, b in zip(fill, background)) >= contrast for fill in fills):
-            return background, fills
 
 
 # ---- captions --------------------------------------------------------------------------------------------

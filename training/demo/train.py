@@ -25,7 +25,7 @@ from vae import image_to_tensor
 from .evaluate import Trial, accuracies, format_table, read_image, score
 from .model_set import AUTOENCODER, SIZE, TRANSFORMER, write_model_file, write_text_encoders
 from .shapes import (Scene, describe, evaluation_prompts, full_caption, held_out_reasons, one_object_samples,
-                     random_rgb, random_scene, render, training_sample)
+                     random_scene, render, training_sample)
 
 Log = Callable[[str], None]
 
@@ -37,8 +37,7 @@ class DemoOptions:
     vae_steps: int = 1100
     vae_batch: int = 8
     vae_crop: int = 64              # the VAE trains on random crops: 4x cheaper, and it is convolutional
-    vae_random_colours: float = 0.5  # share of the VAE's scenes redrawn in random RGB colours; see train_autoencoder
-    decoder_steps: int = 600        # the decoder fine-tuned alone on the latents; see build_demo
+    decoder_steps: int = 600        # the decoder fine-tuned alone, encoder frozen; see build_demo
     decoder_lr: float = 2e-4
     steps: int = 6500
     batch_size: int = 16
@@ -69,16 +68,30 @@ def write_json(path: Path, value) -> None:
 def render_scenes(count: int, seed: int, log: Log) -> tuple[torch.Tensor, list[str], list[Scene]]:
     """(count, 3, SIZE, SIZE) uint8 images, their captions and scenes: the dataset of shapes.write_dataset, in
     memory."""
-    images = torch.empty(count, 3, SIZE, SIZE, dtype=torch.uint8)
-    captions, scenes = [], []
-    for i in range(count):
-        scene, _, caption = training_sample(i, seed)
+    samples = [training_sample(i, seed) for i in range(count)]
+    return render_all([scene for scene, _, _ in samples], log), [caption for _, _, caption in samples], \
+        [scene for scene, _, _ in samples]
+
+
+def render_all(scenes: list[Scene], log: Log) -> torch.Tensor:
+    """(N, 3, SIZE, SIZE) uint8."""
+    images = torch.empty(len(scenes), 3, SIZE, SIZE, dtype=torch.uint8)
+    for i, scene in enumerate(scenes):
         images[i] = torch.from_numpy(np.array(render(scene, SIZE))).permute(2, 0, 1)
-        captions.append(caption)
-        scenes.append(scene)
         if (i + 1) % 4000 == 0:
-            log(f"scenes: {i + 1}/{count}")
-    return images, captions, scenes
+            log(f"scenes: {i + 1}/{len(scenes)}")
+    return images
+
+
+def any_scenes(count: int, seed: int, stream: int) -> list[Scene]:
+    """`count` new scenes in any combination, held-out ones included (about a quarter), from their own stream
+    of `seed`: the VAE's (stream 3) and its gate's (stream 4). The VAE never reads a caption: it is the image
+    codec, and every palette colour on every background is an image it must carry. Trained on the captioned
+    scenes alone, whose held-out pairs it never saw, it decoded red on black as orange and blue on gray as
+    teal, so no transformer could draw them (docs/demo_model.md, "The VAE's colours"). The held-out
+    combinations stay out of everything that reads a caption: the text encoders and the transformer."""
+    rng = np.random.default_rng([seed, stream])
+    return [random_scene(rng, accept=lambda s: True) for _ in range(count)]
 
 
 def object_cells(images: torch.Tensor, down: int = 8) -> torch.Tensor:
@@ -98,38 +111,18 @@ def random_crops(images: torch.Tensor, side: int, seed: int) -> torch.Tensor:
     return torch.stack([images[i, :, t:t + side, l:l + side] for i, (t, l) in enumerate(zip(tops, lefts))])
 
 
-def recoloured(images: torch.Tensor, scenes: list[Scene], share: float, seed: int) -> torch.Tensor:
-    """`images` with a `share` of them (drawn at random) redrawn in random RGB colours (shapes.random_rgb)."""
-    rng = np.random.default_rng([seed, 3])
-    out = images.clone()
-    for i in np.flatnonzero(rng.random(len(scenes)) < share):
-        out[i] = torch.from_numpy(np.array(render(scenes[i], SIZE, rgb=random_rgb(scenes[i], rng)))).permute(2, 0, 1)
-    return out
-
-
-def train_autoencoder(images: torch.Tensor, scenes: list[Scene], opts: DemoOptions, log: Log):
+def train_autoencoder(images: torch.Tensor, opts: DemoOptions, log: Log):
+    """The demo VAE trained on random crops of `images` (N, 3, SIZE, SIZE) uint8, its latent rescaled."""
     from vae import VAE
     from training.vae import VAETrainConfig, match_latent_scale, train_vae
 
     torch.manual_seed(opts.seed)
     vae = VAE(AUTOENCODER)
-    # Trained on the palette alone, the encoder mapped colour x background pairs it never saw (the held-out
-    # ones, red on black...) onto neighbouring colours, and no decoder could undo it: red on black decoded
-    # orange, blue on gray teal, so the transformer could not draw them (docs/demo_model.md, "The VAE's
-    # colours"). In random colours too, it is a codec of colour, as SD3's VAE is of photographs.
-    crops = random_crops(recoloured(images, scenes, opts.vae_random_colours, opts.seed), opts.vae_crop, opts.seed)
+    crops = random_crops(images, opts.vae_crop, opts.seed)
     train_vae(vae, crops, VAETrainConfig(steps=opts.vae_steps, batch_size=opts.vae_batch, seed=opts.seed), log=log, every=100)
     a = match_latent_scale(vae, images[:2000])
     log(f"vae: latent rescaled by {a:.4f} so that SD3's scale and shift give unit variance")
     return vae
-
-
-def gate_scenes(count: int, seed: int) -> list[Scene]:
-    """New scenes in any combination, held-out ones included (about a quarter): the VAE gate's. (Until
-    version 4 the gate read training scenes only, so it never saw the held-out colour x background pairs that
-    the VAE could not carry.)"""
-    rng = np.random.default_rng([seed, 4])
-    return [random_scene(rng, accept=lambda s: True) for _ in range(count)]
 
 
 @torch.no_grad()
@@ -137,7 +130,7 @@ def vae_gate(vae, opts: DemoOptions, log: Log) -> dict:
     """The reader on VAE reconstructions of `opts.checks` new scenes (any combination, held-out ones
     included): what the latent carries. -> {split: {attribute: [right, asked]}}"""
     trials = []
-    for scene in gate_scenes(opts.checks, opts.seed):
+    for scene in any_scenes(opts.checks, opts.seed, stream=4):
         y = vae.decode(vae.encode(image_to_tensor(render(scene, SIZE)), sample=False))[0]
         image = ((y + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
         reading = read_image(image)
@@ -426,10 +419,12 @@ def build_demo(work: str | Path, out: str | Path, opts: DemoOptions = DemoOption
         return vae.eval().requires_grad_(False)
 
     vae_file, tuned_file = work / "vae.pt", work / "vae_decoder.pt"
+    codec = None if tuned_file.is_file() else stage("vae_scenes", lambda: render_all(
+        any_scenes(opts.images, opts.seed, stream=3), log))
     if vae_file.is_file():
         vae = load_vae(vae_file)
     else:
-        vae = stage("vae", lambda: train_autoencoder(images, scenes, opts, log))
+        vae = stage("vae", lambda: train_autoencoder(codec, opts, log))
         torch.save(vae.state_dict(), vae_file)
 
     latents_file = work / "latents.pt"
@@ -438,20 +433,26 @@ def build_demo(work: str | Path, out: str | Path, opts: DemoOptions = DemoOption
     else:
         latents = stage("latents", lambda: encode_latents(vae, images, log))
         torch.save(latents, latents_file)
+    del images
 
-    # The decoder alone, on the palette's scenes with their object pixels counted opts.object_weight times:
-    # the encoder, and so the latents, stay as they are. It sharpened the colours the whole VAE left
-    # near a neighbour (red on gray decoded orange); see docs/demo_model.md, "The VAE's colours".
+    # The decoder alone, on as many of the VAE's scenes as it draws samples, their object pixels counted
+    # opts.object_weight times: the encoder, and so the latents, stay as they are. It sharpened the colours the
+    # whole VAE left near a neighbour (red on gray decoded orange); docs/demo_model.md, "The VAE's colours".
     if tuned_file.is_file():
         vae = load_vae(tuned_file)
     else:
         from training.vae import VAETrainConfig, train_decoder
 
-        config = VAETrainConfig(steps=opts.decoder_steps, batch_size=opts.vae_batch, lr=opts.decoder_lr,
-                                warmup_steps=20, seed=opts.seed)
-        stage("decoder", lambda: train_decoder(vae, latents, images, config, opts.object_weight, log=log, every=100))
+        def tune():
+            pictures = codec[:opts.decoder_steps * opts.vae_batch]
+            config = VAETrainConfig(steps=opts.decoder_steps, batch_size=opts.vae_batch, lr=opts.decoder_lr,
+                                    warmup_steps=20, seed=opts.seed)
+            train_decoder(vae, encode_latents(vae, pictures, log), pictures, config, opts.object_weight, log=log,
+                          every=100)
+
+        stage("decoder", tune)
         torch.save(vae.state_dict(), tuned_file)
-    del images
+    del codec
     gate_file = work / "vae_gate.json"
     if not gate_file.is_file():
         gate = stage("vae_gate", lambda: vae_gate(vae, opts, log))
