@@ -6,6 +6,7 @@
     python scripts/evaluate_demo.py --compare a.json b.json              # a markdown table, one row per report
     python scripts/evaluate_demo.py --text-probe sampling/demo_model     # what the text encoders carry
     python scripts/evaluate_demo.py --restore sampling/demo_model        # where each attribute is decided
+    python scripts/evaluate_demo.py --vae-colours sampling/demo_model    # each palette pair through the VAE
 
 Each PNG's ground truth is its dataset sidecar (name.json), else the prompt generate.py stored in it, else
 name.txt, read with the dataset's grammar; prompts naming a held-out combination count as 'held out'. The
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
                    help="per noise level: new scenes noised to sigma s and denoised by this demo model set, read "
                         "back (where the model decides each attribute; training.demo.train.restoration_check)")
     p.add_argument("--restore-count", type=int, default=48, metavar="N", help="with --restore: scenes (default 48)")
+    p.add_argument("--vae-colours", type=Path, metavar="MODEL_DIR",
+                   help="every palette colour on every background through this demo model set's VAE: the RGB "
+                        "it gives back, ** where a channel is more than 40 off; then exit")
     add_debug_flag(p)
     args = p.parse_args(argv)
     if args.prompts:
@@ -86,6 +90,18 @@ def main(argv=None) -> int:
         print(markdown_table(["from sigma", *ATTRIBUTES],
                              [[str(level)] + [f"{r / k:.1%}" for r, k in map(row.get, ATTRIBUTES)]
                               for level, row in table.items()]))
+        return 0
+    if args.vae_colours:
+        from training.demo.shapes import BACKGROUNDS, COLOURS
+        from training.demo.train import palette_reconstruction
+        from vae import load_vae
+
+        back = palette_reconstruction(load_vae(args.vae_colours / "sd3.5_medium.safetensors").eval())
+        off = {pair for pair, rgb in back.items() if max(abs(a - b) for a, b in zip(rgb, COLOURS[pair[0]])) > 40}
+        print(markdown_table(["colour", *BACKGROUNDS], [
+            [f"{c} {COLOURS[c]}"] + ["{0}{1}{0}".format("**" * ((c, b) in off), back[c, b]) for b in BACKGROUNDS]
+            for c in COLOURS]))
+        print(f"{len(off)} of {len(back)} pairs come back more than 40 off in some channel")
         return 0
     if args.text_probe:
         from training.demo.text import attribute_probe

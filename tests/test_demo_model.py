@@ -309,3 +309,23 @@ def test_vae_training_lowers_the_reconstruction_loss():
         after = vae_loss(ae, x, torch.Generator().manual_seed(0), 0.0)[0].item()
     assert after < 0.5 * before
 
+
+
+class _IdentityVAE:
+    """encode and decode that hand the picture through unchanged."""
+
+    def encode(self, x, sample=False):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+def test_palette_reconstruction_reads_every_pair_at_the_object_centre():
+    """training.demo.train.palette_reconstruction through a VAE that changes nothing gives back the palette."""
+    from training.demo.shapes import BACKGROUNDS, COLOURS
+    from training.demo.train import palette_reconstruction
+
+    back = palette_reconstruction(_IdentityVAE())
+    assert set(back) == {(c, b) for c in COLOURS for b in BACKGROUNDS}
+    assert all(back[c, b] == COLOURS[c] for c, b in back)

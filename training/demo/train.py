@@ -141,6 +141,23 @@ def vae_gate(vae, opts: DemoOptions, log: Log) -> dict:
 
 
 @torch.no_grad()
+def palette_reconstruction(vae) -> dict[tuple[str, str], tuple[int, ...]]:
+    """Every palette colour on every background (a large circle in the centre) through vae.encode and
+    vae.decode: the mean RGB of its central 16x16 pixels, per (colour, background). Where the gate samples
+    scenes, this lists each pair the reader's colour names rest on."""
+    from .shapes import BACKGROUNDS, COLOURS, Obj
+
+    out = {}
+    for background in BACKGROUNDS:
+        for colour in COLOURS:
+            scene = Scene(background, (Obj("circle", colour, "large", "centre", box=(0.5, 0.5, 0.38)),))
+            y = vae.decode(vae.encode(image_to_tensor(render(scene, SIZE)), sample=False))[0]
+            c = SIZE // 2
+            out[colour, background] = tuple(((y[:, c - 8:c + 8, c - 8:c + 8].mean((1, 2)) + 1) * 127.5).round().int().tolist())
+    return out
+
+
+@torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, log: Log, batch: int = 32) -> torch.Tensor:
     out = []
     for i in range(0, len(images), batch):
