@@ -59,30 +59,42 @@ def vae_loss(vae: VAE, images: torch.Tensor, generator: torch.Generator | None, 
     return loss, recon
 
 
-def train_vae(vae: VAE, images: torch.Tensor, config: VAETrainConfig = VAETrainConfig(),
-              log: Callable[[str], None] | None = None, every: int = 50) -> list[dict]:
-    """Train `vae` in place on `images` (N, 3, H, W) uint8; batches drawn at random (seeded). Returns the log."""
+def optimise(parameters, config: VAETrainConfig, batch_loss: Callable[[torch.Generator], torch.Tensor],
+             name: str, log: Callable[[str], None] | None = None, every: int = 50) -> list[dict]:
+    """`config.steps` AdamW steps (warm-up and cosine, gradients clipped) on the loss `batch_loss(generator)`
+    of a batch it draws with the seeded generator it is handed. Returns the log: step, loss, seconds."""
     g = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
+    parameters = list(parameters)
+    opt = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, config.steps, config.warmup_steps))
-    vae.train().requires_grad_(True)
-    with torch.no_grad():   # start with little posterior noise (std 0.05): the decoder first learns to decode
-        vae.encoder.conv_out.bias[vae.config.z_channels:].fill_(-6.0)
     history, start = [], time.perf_counter()
     for step in range(config.steps):
-        idx = torch.randint(0, len(images), (config.batch_size,), generator=g)
-        x = pixels_to_unit(images[idx])
-        loss, _ = vae_loss(vae, x, g, config.kl_weight)
+        loss = batch_loss(g)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         history.append({"step": step + 1, "loss": loss.item(), "time": round(time.perf_counter() - start, 2)})
         if log and ((step + 1) % every == 0 or step + 1 == config.steps):
             recent = history[-every:]
-            log(f"vae step {step + 1}/{config.steps}  loss {sum(r['loss'] for r in recent) / len(recent):.4f}  "
+            log(f"{name} step {step + 1}/{config.steps}  loss {sum(r['loss'] for r in recent) / len(recent):.4f}  "
                 f"{history[-1]['time'] / (step + 1):.2f} s/step")
+    return history
+
+
+def train_vae(vae: VAE, images: torch.Tensor, config: VAETrainConfig = VAETrainConfig(),
+              log: Callable[[str], None] | None = None, every: int = 50) -> list[dict]:
+    """Train `vae` in place on `images` (N, 3, H, W) uint8; batches drawn at random (seeded). Returns the log."""
+    vae.train().requires_grad_(True)
+    with torch.no_grad():   # start with little posterior noise (std 0.05): the decoder first learns to decode
+        vae.encoder.conv_out.bias[vae.config.z_channels:].fill_(-6.0)
+
+    def batch_loss(g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(images), (config.batch_size,), generator=g)
+        return vae_loss(vae, pixels_to_unit(images[idx]), g, config.kl_weight)[0]
+
+    history = optimise(vae.parameters(), config, batch_loss, "vae", log, every)
     vae.eval().requires_grad_(False)
     return history
 
@@ -96,14 +108,10 @@ def train_decoder(vae: VAE, latents: torch.Tensor, images: torch.Tensor, config:
     latent cells and its pixels; the loss is L1 + MSE with the pixels that differ from the image's corner (an
     object, on a plain background) counted `object_weight` times: the background fills most of a scene, and a
     plain mean spends the steps on it. Returns the log."""
-    g = torch.Generator().manual_seed(config.seed)
-    decoder, f = vae.decoder, vae.config.downscale
-    opt = torch.optim.AdamW(decoder.parameters(), lr=config.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, config.steps, config.warmup_steps))
-    decoder.train().requires_grad_(True)
-    h, w = latents.shape[-2:]
-    history, start = [], time.perf_counter()
-    for step in range(config.steps):
+    f, (h, w) = vae.config.downscale, latents.shape[-2:]
+    vae.decoder.train().requires_grad_(True)
+
+    def batch_loss(g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(images), (config.batch_size,), generator=g)
         top = torch.randint(0, h - crop + 1, (), generator=g).item()
         left = torch.randint(0, w - crop + 1, (), generator=g).item()
@@ -111,19 +119,11 @@ def train_decoder(vae: VAE, latents: torch.Tensor, images: torch.Tensor, config:
         pixels = images[idx, :, top * f:(top + crop) * f, left * f:(left + crop) * f]
         away = (pixels.int() - images[idx, :, :1, :1].int()).abs().amax(1, keepdim=True) > 8
         weight = 1 + (object_weight - 1) * away.float()                    # (B, 1, 8 crop, 8 crop)
-        error = decoder(z) - pixels_to_unit(pixels)
-        loss = (weight * (error.abs() + error.square())).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), config.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": loss.item(), "time": round(time.perf_counter() - start, 2)})
-        if log and ((step + 1) % every == 0 or step + 1 == config.steps):
-            recent = history[-every:]
-            log(f"decoder step {step + 1}/{config.steps}  loss {sum(r['loss'] for r in recent) / len(recent):.4f}  "
-                f"{history[-1]['time'] / (step + 1):.2f} s/step")
-    decoder.eval().requires_grad_(False)
+        error = vae.decoder(z) - pixels_to_unit(pixels)
+        return (weight * (error.abs() + error.square())).mean()
+
+    history = optimise(vae.decoder.parameters(), config, batch_loss, "decoder", log, every)
+    vae.decoder.eval().requires_grad_(False)
     return history
 
 
