@@ -49,7 +49,7 @@ def test_train_demo_controlnet_trains_writes_an_official_file_and_judges_it(tmp_
 def test_the_shipped_demo_controlnet_steers_position(tmp_path):
     """The shipped net on the first 8 of the script's test scenes (prompts name only colour and background):
     the reader finds the edges' position far more often with the net than without it. Measured at shipping
-    (version 3's net): with 5/8, without 1/8 (24 scenes: 13/24 against 4/24; version 2's: 5/8, 2/8 and 14/24,
+    (version 5's net): with 6/8, without 0/8 (24 scenes: 19/24 against 4/24; version 3's: 5/8, 1/8 and 13/24,
     4/24; version 1's net on version 1: 11/24, 2/24); a net that did nothing would score as without."""
     from scripts import train_demo_controlnet
 
