@@ -59,6 +59,12 @@ def vae_loss(vae: VAE, images: torch.Tensor, generator: torch.Generator | None, 
     return loss, recon
 
 
+def object_pixels(images: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) bool: the pixels of `images` (N, 3, H, W) uint8 more than 8 away from the image's corner in
+    some channel: an object, on a plain background whose colour the corner holds."""
+    return (images.int() - images[:, :, :1, :1].int()).abs().amax(1, keepdim=True) > 8
+
+
 def optimise(parameters, config: VAETrainConfig, batch_loss: Callable[[torch.Generator], torch.Tensor],
              name: str, log: Callable[[str], None] | None = None, every: int = 50) -> list[dict]:
     """`config.steps` AdamW steps (warm-up and cosine, gradients clipped) on the loss `batch_loss(generator)`
@@ -117,7 +123,7 @@ def train_decoder(vae: VAE, latents: torch.Tensor, images: torch.Tensor, config:
         left = torch.randint(0, w - crop + 1, (), generator=g).item()
         z = vae.to_vae_latent(latents[idx, :, top:top + crop, left:left + crop].float())
         pixels = images[idx, :, top * f:(top + crop) * f, left * f:(left + crop) * f]
-        away = (pixels.int() - images[idx, :, :1, :1].int()).abs().amax(1, keepdim=True) > 8
+        away = object_pixels(images[idx])[:, :, top * f:(top + crop) * f, left * f:(left + crop) * f]
         weight = 1 + (object_weight - 1) * away.float()                    # (B, 1, 8 crop, 8 crop)
         error = vae.decoder(z) - pixels_to_unit(pixels)
         return (weight * (error.abs() + error.square())).mean()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mmditx.checkpoint import written_whole
-from training.vae import pixels_to_unit
+from training.vae import object_pixels, pixels_to_unit
 from vae import image_to_tensor
 
 from .evaluate import Trial, accuracies, format_table, read_image, score
@@ -95,11 +95,9 @@ def any_scenes(count: int, seed: int, stream: int) -> list[Scene]:
 
 
 def object_cells(images: torch.Tensor, down: int = 8) -> torch.Tensor:
-    """(N, 1, H/down, W/down) bool: the latent cells an object touches (a pixel away from the background,
-    whose colour is the corner's: objects never reach the corners)."""
-    background = images[:, :, :1, :1].int()
-    away = ((images.int() - background).abs().amax(1, keepdim=True) > 8).float()
-    return torch.nn.functional.max_pool2d(away, down).bool()
+    """(N, 1, H/down, W/down) bool: the latent cells an object touches (training.vae.object_pixels: objects
+    never reach the corners)."""
+    return torch.nn.functional.max_pool2d(object_pixels(images).float(), down).bool()
 
 
 # -- stage 2: the VAE --------------------------------------------------------------------------------------
@@ -126,12 +124,18 @@ def train_autoencoder(images: torch.Tensor, opts: DemoOptions, log: Log):
 
 
 @torch.no_grad()
+def reconstruct(vae, scene: Scene) -> torch.Tensor:
+    """The scene rendered, through vae.encode (the mean) and vae.decode: (3, SIZE, SIZE) in [-1, 1]."""
+    return vae.decode(vae.encode(image_to_tensor(render(scene, SIZE)), sample=False))[0]
+
+
+@torch.no_grad()
 def vae_gate(vae, opts: DemoOptions, log: Log) -> dict:
     """The reader on VAE reconstructions of `opts.checks` new scenes (any combination, held-out ones
     included): what the latent carries. -> {split: {attribute: [right, asked]}}"""
     trials = []
     for scene in any_scenes(opts.checks, opts.seed, stream=4):
-        y = vae.decode(vae.encode(image_to_tensor(render(scene, SIZE)), sample=False))[0]
+        y = reconstruct(vae, scene)
         image = ((y + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
         reading = read_image(image)
         trials.append(Trial(scene, "held_out" if held_out_reasons(scene) else "seen", reading, score(reading, scene)))
@@ -151,7 +155,7 @@ def palette_reconstruction(vae) -> dict[tuple[str, str], tuple[int, ...]]:
     for background in BACKGROUNDS:
         for colour in COLOURS:
             scene = Scene(background, (Obj("circle", colour, "large", "centre", box=(0.5, 0.5, 0.38)),))
-            y = vae.decode(vae.encode(image_to_tensor(render(scene, SIZE)), sample=False))[0]
+            y = reconstruct(vae, scene)
             c = SIZE // 2
             out[colour, background] = tuple(((y[:, c - 8:c + 8, c - 8:c + 8].mean((1, 2)) + 1) * 127.5).round().int().tolist())
     return out
