@@ -22,10 +22,23 @@ def toy_demo(tmp_path_factory):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--work", str(work / "w"),
                           "--images", "32", "--vae-steps", "2", "--decoder-steps", "2", "--steps", "3", "--batch-size", "4", "--checks", "2",
                           "--check-every", "1", "--draw-prompts", "1", "--one-object-steps", "1", "--full-caption-steps", "2",
-                          "--text-steps", "2", "--text-batch", "8"],
+                          "--text-steps", "2", "--text-batch", "8", "--ema-decay", "0.5"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     return Path(out.stdout.strip()), out.stderr
+
+
+def test_train_demo_ships_the_moving_average_when_asked(toy_demo):
+    """--ema-decay: the model set holds the average the trainer kept, not the last trained weights."""
+    from safetensors.torch import load_file
+
+    model, _ = toy_demo
+    state = torch.load(model.parent / "transformer" / "state.pt", weights_only=False)
+    shipped = load_file(model / "sd3.5_medium.safetensors")
+    names = sorted(state["ema"])
+    assert len(names) > 100
+    assert all(torch.equal(shipped["model.diffusion_model." + n], state["ema"][n].half()) for n in names)
+    assert not all(torch.equal(state["ema"][n], state["trainable"][n]) for n in names)
 
 
 def test_train_demo_runs_every_stage_and_writes_the_official_layout(toy_demo):

@@ -43,6 +43,8 @@ class DemoOptions:
     batch_size: int = 16
     lr: float = 8e-4                # 4e-4 until version 5; see train_transformer
     warmup_steps: int = 100
+    lr_schedule: str = "cosine"     # or "constant" (training.loop.lr_factor)
+    ema_decay: float = 0.0          # > 0: ship the moving average of the transformer's weights; see train_transformer
     caption_dropout: float = 0.1    # share of captions replaced by "" (the negative prompt CFG uses)
     object_weight: float = 5.0      # loss weight of the latent cells an object touches (1: a plain mean)
     sigma_sampling: str = "uniform"  # how training draws noise levels (training.objective); see train_transformer
@@ -370,9 +372,9 @@ def train_transformer(latents, captions, scenes, objects, vae, model_dir: Path, 
     # above 0.9) learned the pictures without reading its captions; one at logit-normal shift 3 (13.5% above
     # 0.9, 0.9% above 0.97) read them by the loss at sigma 0.95 but its samples ignored them. Uniform times
     # shifted by 3 put 25% above 0.9 and 8.5% above 0.97, and still 25% below 0.5 for the outlines.
-    config = TrainConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, lr_schedule="cosine",
+    config = TrainConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, lr_schedule=opts.lr_schedule,
                          warmup_steps=opts.warmup_steps, seed=opts.seed, save_every=opts.check_every,
-                         full_checkpoints=False,
+                         full_checkpoints=False, ema_decay=opts.ema_decay or None,
                          objective=Objective(sampling=opts.sigma_sampling, shift=opts.shift,
                                              random_pos_crop=False,       # the table fits 16x16
                                              merge_repeated_context=True))  # T5 off: 77 zero tokens, once
@@ -413,6 +415,10 @@ def train_transformer(latents, captions, scenes, objects, vae, model_dir: Path, 
         log(f"transformer step {trainer.step}: the reader on sampled prompts\n{format_table(drawn)}")
         checks[str(trainer.step)] = {**{str(s): v for s, v in check.items()}, "word_gaps": gaps, "drawn": drawn}
         write_json(checks_file, checks)
+    if trainer.ema is not None:     # the checks above read the trained weights; the model set gets the average
+        with torch.no_grad():
+            for name, p in trainer.trainable:
+                p.copy_(trainer.ema[name])
     return model.eval().requires_grad_(False), checks
 
 
