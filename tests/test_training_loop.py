@@ -70,6 +70,19 @@ def test_resume_equals_one_run(dataset, tmp_path, lora):
     assert [r["loss"] for r in one.history[2:]] == [r["loss"] for r in resumed.history]
 
 
+def test_use_average_puts_the_moving_average_into_the_model(dataset, tmp_path):
+    trainer = Trainer(tiny(), dataset, config(steps=2), tmp_path / "avg", log_stream=None)
+    trainer.save = lambda: None
+    trainer.train()
+    last = {n: p.detach().clone() for n, p in trainer.trainable}
+    assert any(not torch.equal(last[n], trainer.ema[n]) for n in last)
+    trainer.use_average()
+    assert all(torch.equal(p, trainer.ema[n]) for n, p in trainer.trainable)
+    plain = Trainer(tiny(), dataset, config(steps=1, ema_decay=None), tmp_path / "plain", log_stream=None)
+    with pytest.raises(ValueError, match="kept no moving average"):
+        plain.use_average()
+
+
 def test_resume_refuses_other_options(dataset, tmp_path):
     first = Trainer(tiny(), dataset, config(steps=1), tmp_path / "a", log_stream=None)
     state = first.state_dict()

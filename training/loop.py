@@ -273,6 +273,15 @@ class Trainer:
     def resume(self, path: str | Path) -> None:
         self.load_state_dict(load_state(path))
 
+    def use_average(self) -> None:
+        """Put the moving average (config.ema_decay) into the trained weights, to write it out in their place;
+        the last trained weights stay only in the run's state.pt."""
+        if self.ema is None:
+            raise ValueError("this run kept no moving average: train with ema_decay set")
+        with torch.no_grad():
+            for n, p in self.trainable:
+                p.copy_(self.ema[n])
+
 
 def _plain(value):
     """Tuples and lists compare equal (a state read back from disk may hold either)."""

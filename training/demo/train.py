@@ -416,9 +416,7 @@ def train_transformer(latents, captions, scenes, objects, vae, model_dir: Path, 
         checks[str(trainer.step)] = {**{str(s): v for s, v in check.items()}, "word_gaps": gaps, "drawn": drawn}
         write_json(checks_file, checks)
     if trainer.ema is not None:     # the checks above read the trained weights; the model set gets the average
-        with torch.no_grad():
-            for name, p in trainer.trainable:
-                p.copy_(trainer.ema[name])
+        trainer.use_average()
     return model.eval().requires_grad_(False), checks
 
 
