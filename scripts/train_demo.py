@@ -19,12 +19,20 @@ from scripts.errors import add_debug_flag, run_cli  # noqa: E402
 from training.demo.train import DemoOptions, build_demo  # noqa: E402
 
 
+def on_off(text: str) -> bool:
+    if text.lower() not in ("on", "off", "true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}")
+    return text.lower() in ("on", "true", "1")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train the demo model (a tiny SD3 that draws shapes) from its seed.")
     p.add_argument("--work", type=Path, default=Path("runs/demo"), help="folder for the stages' results")
     p.add_argument("--out", type=Path, help="where to write the model set (default: WORK/model)")
     for f in fields(DemoOptions):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        kind = on_off if isinstance(f.default, bool) else type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                       metavar="on|off" if kind is on_off else None)
     add_debug_flag(p)
     args = p.parse_args(argv)
     opts = DemoOptions(**{f.name: getattr(args, f.name) for f in fields(DemoOptions)})

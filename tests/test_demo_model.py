@@ -22,7 +22,7 @@ def toy_demo(tmp_path_factory):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_demo.py"), "--work", str(work / "w"),
                           "--images", "32", "--vae-steps", "2", "--decoder-steps", "2", "--steps", "3", "--batch-size", "4", "--checks", "2",
                           "--check-every", "1", "--draw-prompts", "1", "--one-object-steps", "1", "--full-caption-steps", "2",
-                          "--text-steps", "2", "--text-batch", "8", "--ema-decay", "0.5"],
+                          "--text-steps", "2", "--text-batch", "8", "--ema-decay", "0.5", "--compile", "off"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     return Path(out.stdout.strip()), out.stderr
@@ -115,6 +115,26 @@ def test_scene_dataset_reads_full_captions_at_the_share_it_is_given():
             counts += sum(p.startswith("full") for p in conditioner.prompts)
         picks.append(counts / 200)
     assert picks[0] == 0 and picks[1] == 1 and 0.4 < picks[2] < 0.6, picks
+
+
+def test_scene_dataset_cached_captions_are_the_encoders_output():
+    """cache=True encodes every caption once, up front: a batch gets what the text encoders give it on the fly."""
+    from encoders import TextConditioner
+    from training.demo.train import SceneDataset
+
+    conditioner = TextConditioner.from_model_dir(ROOT / "sampling" / "demo_model", t5="off")
+    captions, full = ["a red circle", "a blue square on the left", "a red circle"], ["a", "b", "green star"]
+    made = [SceneDataset(torch.zeros(3, 1, 2, 2), captions, conditioner, caption_dropout=0.3, seed=1, full=full,
+                         cache=cache) for cache in (False, True)]
+    assert len(made[1].encoded[0]) == 6         # "" and the five distinct captions
+    for share in (0.0, 0.5, 1.0):
+        for data in made:
+            data.full_share = share
+        for _ in range(4):
+            (_, context, pooled), (_, cached, cached_pooled) = (data.batch([0, 1, 2]) for data in made)
+            assert cached.shape == context.shape == (3, 154, 4096) and context[:, :77, :128].abs().sum() > 0
+            assert torch.allclose(cached, context, rtol=0, atol=1e-5) and torch.allclose(cached_pooled, pooled,
+                                                                                          rtol=0, atol=1e-5)
 
 
 def test_caption_check_tells_a_caption_reader_from_a_text_blind_model():

@@ -83,6 +83,21 @@ def test_use_average_puts_the_moving_average_into_the_model(dataset, tmp_path):
         plain.use_average()
 
 
+def test_compiled_training_follows_the_eager_run(dataset, tmp_path):
+    """compile=True runs the steps through torch.compile: the same losses and weights, float rounding apart."""
+    runs = []
+    for compiled in (False, True):
+        trainer = Trainer(tiny(), dataset, config(steps=2, compile=compiled), tmp_path / str(compiled),
+                          log_stream=None)
+        assert isinstance(trainer.net, torch._dynamo.eval_frame.OptimizedModule) == compiled
+        runs.append(([row["loss"] for row in trainer.train()], dict(trainer.trainable)))
+    (eager_loss, eager), (compiled_loss, compiled) = runs
+    assert eager_loss == pytest.approx(compiled_loss, rel=1e-4) and eager_loss[0] > 0
+    moved = max((eager[n] - tiny().state_dict()[n]).abs().max().item() for n in eager)
+    assert moved > 1e-4    # the steps changed the weights, so the comparison below can fail
+    assert all(torch.allclose(eager[n], compiled[n], rtol=0, atol=1e-3 * moved) for n in eager)
+
+
 def test_resume_refuses_other_options(dataset, tmp_path):
     first = Trainer(tiny(), dataset, config(steps=1), tmp_path / "a", log_stream=None)
     state = first.state_dict()

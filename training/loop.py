@@ -50,6 +50,8 @@ class TrainConfig:
     validate_every: int | None = None
     lora_format: str = "diffusers"
     full_checkpoints: bool = True        # write full weights (LoRA runs: merged) beside LoRA files
+    compile: bool = False                # torch.compile the training forward and backward (minutes to compile
+                                         # once; the demo's MMDiT-X steps 1.25x faster on a 2-core CPU)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -118,7 +120,12 @@ class Trainer:
             raise ValueError("the model has no trainable parameters: add LoRA adapters (training.lora.add_lora) "
                              "or call model.requires_grad_(True) for full fine-tuning")
         model.gradient_checkpointing = config.gradient_checkpointing
+        if config.compile and self.dist.fsdp:
+            raise ValueError("compile does not combine with FSDP here (its optimizer state is gathered through "
+                             "the wrapped module): drop --compile or --fsdp")
         self.net = self.dist.wrap(model)
+        if config.compile:
+            self.net = torch.compile(self.net)      # shares the parameters: saving and resuming read self.model
         self.model = model           # on the device; under FSDP its parameters are this process's shards
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=config.lr, betas=config.betas,
@@ -251,7 +258,8 @@ class Trainer:
                 "data": {"micro_batches_done": self.step * self.config.grad_accum}}
 
     def load_state_dict(self, state: dict) -> None:
-        free = {"steps", "save_every", "validate_every", "full_checkpoints", "lora_format"}  # may change on resume
+        free = {"steps", "save_every", "validate_every", "full_checkpoints", "lora_format",   # may change on resume
+                "compile"}
         saved, now = state["config"], self.config.to_dict()
         changed = sorted(k for k in now if k not in free and _plain(saved.get(k)) != _plain(now[k]))
         if changed:
