@@ -243,21 +243,27 @@ class SceneDataset:
 
 
 @torch.no_grad()
-def encode_once(conditioner, layout, prompts: list[str], batch: int = 256):
+def encode_once(conditioner, layout, prompts: list[str], batch: int = 64):
     """Every distinct prompt through the frozen text encoders once: ({prompt: row}, CLIP tokens (N, 77, L + G
-    widths), pooled (N, L + G), the whole context's (tokens, width)). Only the CLIP columns are kept: at the demo's widths (64 +
-    64 of 4096) the 20,001 captions of a rebuild take 0.8 GB, and a step no longer spends ~10% of its time
-    encoding its batch."""
+    widths), pooled (N, L + G), the whole context's (tokens, width)). Only the CLIP columns are kept: at the
+    demo's widths (64 + 64 of 4096) the 20,001 captions of a rebuild take 0.8 GB, and a step no longer spends
+    ~10% of its time encoding its batch. The result is allocated first, whole: kept slices allocated between
+    the batches' 4096-wide contexts fragmented the heap that keep_freed_memory keeps (24 GB, then the OOM
+    killer)."""
     unique = list(dict.fromkeys(prompts))
-    width = layout.clip_l_width + layout.clip_g_width
-    clip, pooled = [], []
+    width, tokens = layout.clip_l_width + layout.clip_g_width, layout.clip_tokens
+    clip = pooled = shape = None
     for start in range(0, len(unique), batch):
         context, vector = conditioner.encode(unique[start:start + batch])
-        if context[:, :layout.clip_tokens, width:].any() or context[:, layout.clip_tokens:].any():
+        if context[:, :tokens, width:].any() or context[:, tokens:].any():
             raise ValueError("encode_once keeps the CLIP columns only: give it a conditioner without T5 (t5='off')")
-        clip.append(context[:, :layout.clip_tokens, :width].clone())
-        pooled.append(vector)
-    return {p: i for i, p in enumerate(unique)}, torch.cat(clip), torch.cat(pooled), tuple(context.shape[1:])
+        if clip is None:
+            clip = torch.empty(len(unique), tokens, width, dtype=context.dtype)
+            pooled = torch.empty(len(unique), vector.shape[1], dtype=vector.dtype)
+            shape = tuple(context.shape[1:])
+        clip[start:start + len(context)] = context[:, :tokens, :width]
+        pooled[start:start + len(context)] = vector
+    return {p: i for i, p in enumerate(unique)}, clip, pooled, shape
 
 
 @torch.no_grad()
@@ -412,6 +418,10 @@ def train_transformer(latents, captions, scenes, objects, vae, model_dir: Path, 
                          objective=Objective(sampling=opts.sigma_sampling, shift=opts.shift,
                                              random_pos_crop=False,       # the table fits 16x16
                                              merge_repeated_context=True))  # T5 off: 77 zero tokens, once
+    # Speed is steps: the shape comes late in training (docs/demo_model.md, "Steps, not contexts"), so the
+    # 90-minute budget is spent on steps. torch.compile fuses the element-wise work around the small products
+    # of a 128-wide model (one step of 16: 0.36 s against 0.44 eager, after ~2 min of compiling) and the
+    # captions are encoded once (0.04 s a step on the fly).
     # AdamW 8e-4 (version 6; 4e-4 before): with perfect conditioning the shape came ~500 steps sooner, and the
     # whole rebuild drew the held-out shape in 54.7% of objects against 35.9% (docs/demo_model.md, "The shape
     # after version 5").
