@@ -12,6 +12,7 @@ from sampling.embedded import embedded_model_dir
 from sampling.pipeline import ModelFiles
 from training.cache import CacheOptions, CachedDataset, build_cache
 from training.data import scan_folder
+from training.distributed import Distributed
 from training.example import make_example_data
 from training.lora import add_lora
 from training.loop import TrainConfig, Trainer, lr_factor
@@ -96,6 +97,8 @@ def test_compiled_training_follows_the_eager_run(dataset, tmp_path):
     moved = max((eager[n] - tiny().state_dict()[n]).abs().max().item() for n in eager)
     assert moved > 1e-4    # the steps changed the weights, so the comparison below can fail
     assert all(torch.allclose(eager[n], compiled[n], rtol=0, atol=1e-3 * moved) for n in eager)
+    with pytest.raises(ValueError, match="compile does not combine with FSDP"):
+        Trainer(tiny(), dataset, config(compile=True), tmp_path / "fsdp", dist=Distributed(fsdp=True))
 
 
 def test_resume_refuses_other_options(dataset, tmp_path):

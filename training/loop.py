@@ -50,8 +50,8 @@ class TrainConfig:
     validate_every: int | None = None
     lora_format: str = "diffusers"
     full_checkpoints: bool = True        # write full weights (LoRA runs: merged) beside LoRA files
-    compile: bool = False                # torch.compile the training forward and backward (minutes to compile
-                                         # once; the demo's MMDiT-X steps 1.25x faster on a 2-core CPU)
+    compile: bool = False                # torch.compile the training forward and backward (~2 min to compile
+                                         # once; the demo's MMDiT-X steps about 1.2x faster on a 2-core CPU)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
