@@ -66,6 +66,9 @@ def parse_args(argv=None):
     o.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant")
     o.add_argument("--warmup-steps", type=int, default=0)
     o.add_argument("--weight-decay", type=float, default=1e-2)
+    o.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon for the joint blocks' weight matrices, AdamW for the rest, one LR (full "
+                        "fine-tuning; not with --fsdp)")
     o.add_argument("--grad-clip", type=float, default=1.0, help="0: no clipping")
     o.add_argument("--ema", type=float, default=None, metavar="DECAY")
     o.add_argument("--seed", type=int, default=0)
@@ -124,7 +127,8 @@ def main(argv=None) -> int:
             mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing or False,
             caption_dropout=args.caption_dropout, objective=objective, save_every=args.save_every,
             validate_every=args.validate_every, lora_format=args.lora_format,
-            full_checkpoints=not args.no_full_checkpoints, compile=args.compile)
+            full_checkpoints=not args.no_full_checkpoints, compile=args.compile,
+            optimizer=args.optimizer)
         lora = None if args.full else LoraOptions(
             args.lora_rank, args.lora_alpha, args.lora_dropout, tuple(args.lora_targets.split(",")),
             not args.lora_no_context, tuple(args.lora_pattern))

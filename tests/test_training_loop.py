@@ -39,8 +39,8 @@ def config(**kw):
     return TrainConfig(**base)
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_resume_equals_one_run(dataset, tmp_path, lora):
+@pytest.mark.parametrize("lora,optimizer", [(False, "adamw"), (True, "adamw"), (False, "muon")])
+def test_resume_equals_one_run(dataset, tmp_path, lora, optimizer):
     def model():
         m = tiny()
         if lora:
@@ -51,7 +51,7 @@ def test_resume_equals_one_run(dataset, tmp_path, lora):
                     torch.nn.init.normal_(a.lora_up, std=0.01, generator=g)
         return m
 
-    cfg = config(grad_accum=2, full_checkpoints=False)
+    cfg = config(grad_accum=2, full_checkpoints=False, optimizer=optimizer)
     one = Trainer(model(), dataset, cfg, tmp_path / "one", log_stream=None)
     one.save = lambda: None                         # LoRA files need mmditx.lora; state is what we compare
     one.train()
@@ -99,6 +99,43 @@ def test_compiled_training_follows_the_eager_run(dataset, tmp_path):
     assert all(torch.allclose(eager[n], compiled[n], rtol=0, atol=1e-3 * moved) for n in eager)
     with pytest.raises(ValueError, match="compile does not combine with FSDP"):
         Trainer(tiny(), dataset, config(compile=True), tmp_path / "fsdp", dist=Distributed(fsdp=True))
+
+
+def test_muon_steps_the_blocks_matrices_and_adamw_the_rest(dataset, tmp_path):
+    """optimizer="muon": each 2-D weight of a joint block takes torch.optim.Muon's step (AdamW's RMS), every other
+    parameter AdamW's, both at the one learning rate; checked against the two torch optimizers run on the same
+    gradients."""
+    lr = 1e-3
+    trainer = Trainer(tiny(), dataset, config(steps=1, lr=lr, warmup_steps=0, lr_schedule="constant", grad_clip=None,
+                                              ema_decay=None, optimizer="muon"), tmp_path / "muon", log_stream=None)
+    trainer.save = lambda: None
+    before = {n: p.detach().clone() for n, p in trainer.trainable}
+    grads = {}
+    for n, p in trainer.trainable:
+        p.register_post_accumulate_grad_hook(lambda p, n=n: grads.__setitem__(n, p.grad.clone()))
+    trainer.train()
+    kinds = {"muon": 0, "adamw": 0}
+    for n, p in trainer.trainable:
+        if n not in grads:
+            continue
+        kind = "muon" if p.ndim == 2 and n.startswith("joint_blocks.") else "adamw"
+        oracle = before[n].clone().requires_grad_(True)
+        oracle.grad = grads[n]
+        if kind == "muon":
+            torch.optim.Muon([oracle], lr=lr, weight_decay=1e-2, adjust_lr_fn="match_rms_adamw").step()
+        else:
+            torch.optim.AdamW([oracle], lr=lr, weight_decay=1e-2).step()
+        assert torch.allclose(p.detach(), oracle.detach(), rtol=0, atol=1e-7), n
+        kinds[kind] += 1
+    assert kinds["muon"] >= 8 and kinds["adamw"] >= 8, kinds
+    lora_only = tiny()
+    add_lora(lora_only, rank=4)
+    with pytest.raises(ValueError, match="a LoRA run"):
+        Trainer(lora_only, dataset, config(optimizer="muon"), tmp_path / "lora", log_stream=None)
+    with pytest.raises(ValueError, match="Muon orthogonalises whole weight matrices"):
+        Trainer(tiny(), dataset, config(optimizer="muon"), tmp_path / "fsdp", dist=Distributed(fsdp=True))
+    with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'muon'"):
+        config(optimizer="sgd")
 
 
 def test_resume_refuses_other_options(dataset, tmp_path):

@@ -52,12 +52,15 @@ class TrainConfig:
     full_checkpoints: bool = True        # write full weights (LoRA runs: merged) beside LoRA files
     compile: bool = False                # torch.compile the training forward and backward (~2 min to compile
                                          # once; the demo's MMDiT-X steps about 1.2x faster on a 2-core CPU)
+    optimizer: str = "adamw"             # or "muon": Muon for the joint blocks' weight matrices (see make_optimizer)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {self.lr_schedule!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"mixed_precision must be auto, bf16 or fp32, not {self.mixed_precision!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"optimizer must be 'adamw' or 'muon', not {self.optimizer!r}")
         if min(self.steps, self.batch_size, self.grad_accum) < 1:
             raise ValueError("steps, batch size and gradient accumulation must be at least 1")
 
@@ -123,13 +126,15 @@ class Trainer:
         if config.compile and self.dist.fsdp:
             raise ValueError("compile does not combine with FSDP here (its optimizer state is gathered through "
                              "the wrapped module): drop --compile or --fsdp")
+        if config.optimizer == "muon" and self.dist.fsdp:
+            raise ValueError("Muon orthogonalises whole weight matrices, and FSDP gives each process a shard of "
+                             "them: use --optimizer adamw with --fsdp, or DDP")
         self.net = self.dist.wrap(model)
         if config.compile:
             self.net = torch.compile(self.net)      # shares the parameters: saving and resuming read self.model
         self.model = model           # on the device; under FSDP its parameters are this process's shards
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW([p for _, p in self.trainable], lr=config.lr, betas=config.betas,
-                                           weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.trainable, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
         self.ema = ({n: p.detach().clone() for n, p in self.trainable} if config.ema_decay else None)
         self.order = BatchOrder(dataset.buckets, config.batch_size, config.seed)
@@ -289,6 +294,52 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.trainable:
                 p.copy_(self.ema[n])
+
+
+def make_optimizer(trainable: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; or Muon (torch.optim.Muon: momentum, then the update orthogonalised by a Newton-Schulz iteration) for
+    the 2-D weights of the joint blocks, the hidden layers, with AdamW for the rest (embedders, final layer,
+    norms, biases), as Muon's authors prescribe. Muon's step is scaled to AdamW's RMS ("match_rms_adamw",
+    Moonshot's "Muon is Scalable for LLM Training"), so one learning rate and weight decay serve both.
+    With the demo's objective, one object, captions in full, the shape came sooner (docs/demo_model.md, "Muon")."""
+    adamw = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW([p for _, p in trainable], **adamw)
+    hidden = [p for n, p in trainable if p.ndim == 2 and n.startswith("joint_blocks.") and ".lora_" not in n]
+    if not hidden:
+        raise ValueError("--optimizer muon trains the joint blocks' weight matrices, and this run trains none "
+                         "(a LoRA run?): use --optimizer adamw")
+    chosen = {id(p) for p in hidden}
+    rest = [p for _, p in trainable if id(p) not in chosen]
+    muon = torch.optim.Muon(hidden, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return Combined(muon, torch.optim.AdamW(rest, **adamw)) if rest else muon
+
+
+class Combined(torch.optim.Optimizer):
+    """Optimizers over disjoint parameters, as one: a schedule sets every group's LR, one state to save."""
+
+    def __init__(self, *parts: torch.optim.Optimizer):
+        self.parts = parts
+        super().__init__([g for o in parts for g in o.param_groups], {})   # the parts' own group dicts
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for o in self.parts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"parts": [o.state_dict() for o in self.parts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("parts", ())) != len(self.parts):
+            raise ValueError("the saved optimizer state is not this optimizer's: resume with the original options")
+        for o, s in zip(self.parts, state["parts"]):
+            o.load_state_dict(s)
+        self.param_groups = [g for o in self.parts for g in o.param_groups]   # loading replaced their dicts
 
 
 def _plain(value):

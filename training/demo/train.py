@@ -60,6 +60,7 @@ class DemoOptions:
     checks: int = 300               # new scenes (beyond the training ones) the VAE gate reads back
     cache_captions: bool = True     # encode the transformer's captions once, up front (SceneDataset)
     compile: bool = True            # torch.compile the transformer's training step; see train_transformer
+    optimizer: str = "adamw"        # or "muon" (training.loop.make_optimizer)
 
 
 def write_json(path: Path, value) -> None:
@@ -415,6 +416,7 @@ def train_transformer(latents, captions, scenes, objects, vae, model_dir: Path, 
     config = TrainConfig(steps=opts.steps, batch_size=opts.batch_size, lr=opts.lr, lr_schedule=opts.lr_schedule,
                          warmup_steps=opts.warmup_steps, seed=opts.seed, save_every=opts.check_every,
                          full_checkpoints=False, ema_decay=opts.ema_decay or None, compile=opts.compile,
+                         optimizer=opts.optimizer,
                          objective=Objective(sampling=opts.sigma_sampling, shift=opts.shift,
                                              random_pos_crop=False,       # the table fits 16x16
                                              merge_repeated_context=True))  # T5 off: 77 zero tokens, once
