@@ -16,6 +16,7 @@ from training.distributed import Distributed
 from training.example import make_example_data
 from training.lora import add_lora
 from training.loop import TrainConfig, Trainer, lr_factor
+from training.muon import Muon
 from training.objective import Objective
 
 
@@ -102,9 +103,9 @@ def test_compiled_training_follows_the_eager_run(dataset, tmp_path):
 
 
 def test_muon_steps_the_blocks_matrices_and_adamw_the_rest(dataset, tmp_path):
-    """optimizer="muon": each 2-D weight of a joint block takes torch.optim.Muon's step (AdamW's RMS), every other
-    parameter AdamW's, both at the one learning rate; checked against the two torch optimizers run on the same
-    gradients."""
+    """optimizer="muon": each 2-D weight of a joint block takes Muon's step (AdamW's RMS; training.muon batches
+    the matrices of one shape), every other parameter AdamW's, both at the one learning rate; checked against
+    torch's own Muon and AdamW run on the same gradients."""
     lr = 1e-3
     trainer = Trainer(tiny(), dataset, config(steps=1, lr=lr, warmup_steps=0, lr_schedule="constant", grad_clip=None,
                                               ema_decay=None, optimizer="muon"), tmp_path / "muon", log_stream=None)
@@ -136,6 +137,8 @@ def test_muon_steps_the_blocks_matrices_and_adamw_the_rest(dataset, tmp_path):
         Trainer(tiny(), dataset, config(optimizer="muon"), tmp_path / "fsdp", dist=Distributed(fsdp=True))
     with pytest.raises(ValueError, match="optimizer must be 'adamw' or 'muon'"):
         config(optimizer="sgd")
+    with pytest.raises(ValueError, match="Muon steps 2-D weight matrices, not a parameter of shape"):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
 
 
 def test_resume_refuses_other_options(dataset, tmp_path):

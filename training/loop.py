@@ -25,6 +25,7 @@ from sampling.io import ProgressBar
 from .cache import CachedDataset
 from .checkpoints import load_state, save_full_checkpoint, save_lora_file, save_state
 from .distributed import Distributed
+from .muon import Muon
 from .objective import Objective, draw, drop_captions, flow_matching_loss
 from .plots import loss_curve_png
 
@@ -297,10 +298,9 @@ class Trainer:
 
 
 def make_optimizer(trainable: list[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; or Muon (torch.optim.Muon: momentum, then the update orthogonalised by a Newton-Schulz iteration) for
-    the 2-D weights of the joint blocks, the hidden layers, with AdamW for the rest (embedders, final layer,
-    norms, biases), as Muon's authors prescribe. Muon's step is scaled to AdamW's RMS ("match_rms_adamw",
-    Moonshot's "Muon is Scalable for LLM Training"), so one learning rate and weight decay serve both.
+    """AdamW; or Muon (training.muon: momentum, then the update orthogonalised) for the 2-D weights of the joint
+    blocks, the hidden layers, with AdamW for the rest (embedders, final layer, norms, biases), as Muon's authors
+    prescribe. Muon's step is scaled to AdamW's RMS, so one learning rate and weight decay serve both.
     With the demo's objective, one object, captions in full, the shape came sooner (docs/demo_model.md, "Muon")."""
     adamw = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
@@ -311,7 +311,7 @@ def make_optimizer(trainable: list[tuple[str, nn.Parameter]], config: TrainConfi
                          "(a LoRA run?): use --optimizer adamw")
     chosen = {id(p) for p in hidden}
     rest = [p for _, p in trainable if id(p) not in chosen]
-    muon = torch.optim.Muon(hidden, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon = Muon(hidden, lr=config.lr, weight_decay=config.weight_decay)
     return Combined(muon, torch.optim.AdamW(rest, **adamw)) if rest else muon
 
 
