@@ -9,6 +9,7 @@
     python scripts/benchmark.py train [--mode lora|full] [--checkpointing] [--size 256] [--steps 3]
     python scripts/benchmark.py lora [--rank 64] [--dtype fp32] [--size 256] [--tokens 154]
     python scripts/benchmark.py controlnet [--size 256] [--blocks 12] [--kind 8b]
+    python scripts/benchmark.py muon [--model demo|tiny|sd3.5_medium] [--runs 20]
 
 `transformer` times one forward pass of the full-size SD3.5 Medium transformer, ours and diffusers'
 SD3Transformer2DModel holding the *same* weight tensors, alternating in one process, and prints medians, the
@@ -34,6 +35,10 @@ ours (training.lora adapters, rank 16 on the attention q/k/v/out of both streams
 diffusers' train_dreambooth_lora_sd3.py (SD3Transformer2DModel + peft LoRA on the same targets, same rank),
 batch 1, cached conditioning (random 154 x 4096 context), gradient checkpointing on both or off on both;
 `--mode full` trains every weight. Prints seconds per step (median after one warm-up step) and peak RSS.
+
+`muon` times one optimizer step over the joint blocks' 2-D weights (random weights and gradients, no model
+forward): training.muon, which orthogonalises the matrices of one shape together, against torch.optim.Muon (one
+by one; the same arithmetic) and AdamW.
 
 The random checkpoint (official layout, ~5 GB in fp16) is written once under --cache.
 Nothing here is a pass/fail test: CI never runs it.
@@ -763,6 +768,37 @@ def bench_controlnet(args) -> None:
                       "flop_ratio_with_over_without": round((base + extra) / base, 3)}, indent=2))
 
 
+def bench_muon(args) -> None:
+    """One optimizer step over the joint blocks' 2-D weights: training.muon (matrices of one shape batched)
+    against torch.optim.Muon (one by one) and AdamW, on the same gradients."""
+    from mmditx import MMDiTX, load_config
+    from training.demo.model_set import TRANSFORMER
+    from training.muon import Muon
+
+    cfg = TRANSFORMER if args.model == "demo" else load_config(args.model)
+    with torch.device("meta"):
+        shapes = [tuple(p.shape) for n, p in MMDiTX(cfg).named_parameters()
+                  if p.ndim == 2 and n.startswith("joint_blocks.")]
+    torch.manual_seed(0)
+    params = {name: [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes] for name in ("ours", "torch", "adamw")}
+    for group in params.values():
+        for p in group:
+            p.grad = torch.randn_like(p)
+    optimizers = {"ours": Muon(params["ours"], lr=1e-3, weight_decay=1e-2),
+                  "torch": torch.optim.Muon(params["torch"], lr=1e-3, weight_decay=1e-2, adjust_lr_fn="match_rms_adamw"),
+                  "adamw": torch.optim.AdamW(params["adamw"], lr=1e-3)}
+    runners = {name: o.step for name, o in optimizers.items()}
+    for run in runners.values():
+        run()  # warm-up
+    times = time_runs(runners, args.runs)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(json.dumps({"what": "one optimizer step over the joint blocks' 2-D weights",
+                      "model": args.model, "matrices": len(shapes), "shapes": len(set(shapes)),
+                      "parameters": sum(torch.Size(s).numel() for s in shapes), "threads": torch.get_num_threads(),
+                      "runs": args.runs, "median_s": {k: round(v, 4) for k, v in med.items()},
+                      "ratio_ours_over_torch_muon": round(med["ours"] / med["torch"], 3)}, indent=2))
+
+
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_load_child":
         return _load_child(sys.argv[2], sys.argv[3], sys.argv[4])
@@ -829,11 +865,15 @@ def main(argv=None) -> None:
     cn.add_argument("--blocks", type=int, default=12, help="ControlNet blocks (half of SD3.5 Medium's 24)")
     cn.add_argument("--kind", choices=["8b", "2b"], default="8b")
     cn.add_argument("--runs", type=int, default=3)
+    mu = sub.add_parser("muon", help="one Muon step: training.muon (batched by shape) vs torch.optim.Muon, and AdamW")
+    mu.add_argument("--model", default="demo", help="'demo' (the demo's MMDiT-X) or a config name (e.g. tiny)")
+    mu.add_argument("--runs", type=int, default=20)
     args = p.parse_args(argv)
     if args.malloc == "keep" and not keep_freed_memory():
         print("warning: --malloc keep has no effect here (not glibc)", file=sys.stderr)
     {"transformer": bench_transformer, "load": bench_load, "vae": bench_vae, "gemm": bench_gemm,
-     "pipeline": bench_pipeline, "train": bench_train, "lora": bench_lora, "controlnet": bench_controlnet}[args.cmd](args)
+     "pipeline": bench_pipeline, "train": bench_train, "lora": bench_lora, "controlnet": bench_controlnet,
+     "muon": bench_muon}[args.cmd](args)
 
 
 if __name__ == "__main__":
