@@ -148,6 +148,10 @@ def test_resume_refuses_other_options(dataset, tmp_path):
     with pytest.raises(ValueError, match="options of the original run: lr differ"):
         other.load_state_dict(state)
     Trainer(tiny(), dataset, config(steps=3), tmp_path / "a", log_stream=None).load_state_dict(state)  # more steps: fine
+    state["config"].pop("optimizer")        # a state saved before the option existed: an AdamW run
+    Trainer(tiny(), dataset, config(steps=3), tmp_path / "a", log_stream=None).load_state_dict(state)
+    with pytest.raises(ValueError, match="optimizer differ"):
+        Trainer(tiny(), dataset, config(steps=3, optimizer="muon"), tmp_path / "a", log_stream=None).load_state_dict(state)
 
 
 def test_lr_schedule():

@@ -1,4 +1,4 @@
-"""The training loop: AdamW, warm-up then constant or cosine LR, clipping, accumulation, optional EMA, DDP or FSDP.
+"""The training loop: AdamW (or Muon), warm-up then constant or cosine LR, clipping, accumulation, optional EMA, DDP or FSDP.
 
 Every random choice of optimizer step `s`, micro-batch `m` comes from a generator seeded with (seed, s, m):
 the data order, flips, caption dropout, noise levels, noise and the positional crop. So a run resumed from a
@@ -266,7 +266,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         free = {"steps", "save_every", "validate_every", "full_checkpoints", "lora_format",   # may change on resume
                 "compile"}
-        saved, now = state["config"], self.config.to_dict()
+        saved, now = {"optimizer": "adamw", **state["config"]}, self.config.to_dict()   # older states: AdamW runs
         changed = sorted(k for k in now if k not in free and _plain(saved.get(k)) != _plain(now[k]))
         if changed:
             raise ValueError(f"resume with the options of the original run: {', '.join(changed)} differ "
