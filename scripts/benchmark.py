@@ -773,12 +773,11 @@ def bench_muon(args) -> None:
     against torch.optim.Muon (one by one) and AdamW, on the same gradients."""
     from mmditx import MMDiTX, load_config
     from training.demo.model_set import TRANSFORMER
-    from training.muon import Muon
+    from training.muon import Muon, is_hidden_matrix
 
     cfg = TRANSFORMER if args.model == "demo" else load_config(args.model)
     with torch.device("meta"):
-        shapes = [tuple(p.shape) for n, p in MMDiTX(cfg).named_parameters()
-                  if p.ndim == 2 and n.startswith("joint_blocks.")]
+        shapes = [tuple(p.shape) for n, p in MMDiTX(cfg).named_parameters() if is_hidden_matrix(n, p)]
     torch.manual_seed(0)
     params = {name: [torch.nn.Parameter(torch.randn(s) * 0.02) for s in shapes] for name in ("ours", "torch", "adamw")}
     for group in params.values():

@@ -25,7 +25,7 @@ from sampling.io import ProgressBar
 from .cache import CachedDataset
 from .checkpoints import load_state, save_full_checkpoint, save_lora_file, save_state
 from .distributed import Distributed
-from .muon import Muon
+from .muon import Muon, is_hidden_matrix
 from .objective import Objective, draw, drop_captions, flow_matching_loss
 from .plots import loss_curve_png
 
@@ -305,7 +305,7 @@ def make_optimizer(trainable: list[tuple[str, nn.Parameter]], config: TrainConfi
     adamw = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW([p for _, p in trainable], **adamw)
-    hidden = [p for n, p in trainable if p.ndim == 2 and n.startswith("joint_blocks.") and ".lora_" not in n]
+    hidden = [p for n, p in trainable if is_hidden_matrix(n, p)]
     if not hidden:
         raise ValueError("--optimizer muon trains the joint blocks' weight matrices, and this run trains none "
                          "(a LoRA run?): use --optimizer adamw")

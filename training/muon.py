@@ -18,6 +18,12 @@ import torch
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)   # the quintic's coefficients: steepest at zero (Jordan)
 
 
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """What Muon steps in an MMDiT-X: the joint blocks' 2-D weights (not LoRA factors); embedders, the final
+    layer, norms and biases stay with AdamW, as Muon's authors prescribe."""
+    return p.ndim == 2 and name.startswith("joint_blocks.") and ".lora_" not in name
+
+
 def orthogonalise(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
     """(N, A, B) -> (N, A, B) in bf16: each matrix as U S' V^T, S' within about [0.5, 1.5] (not exactly 1: more
     slope at zero, fewer steps)."""
