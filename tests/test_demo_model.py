@@ -117,6 +117,34 @@ def test_scene_dataset_reads_full_captions_at_the_share_it_is_given():
     assert picks[0] == 0 and picks[1] == 1 and 0.4 < picks[2] < 0.6, picks
 
 
+def test_scene_dataset_draws_resume_with_the_run(tmp_path):
+    """Caption dropout and the full-caption pick come from the trainer's micro-batch generator: micro-batch k reads
+    the same prompts whatever ran before it, so a resumed run continues with the unbroken run's draws."""
+    from mmditx import MMDiTX, load_config
+    from mmditx.checkpoint import build_on_meta
+    from training.demo.train import SceneDataset
+    from training.loop import TrainConfig, Trainer
+
+    def trainer():
+        conditioner = _Recorder()
+        data = SceneDataset(torch.zeros(8, 16, 4, 4), [f"short {i}" for i in range(8)], conditioner,
+                            caption_dropout=0.3, seed=0, full=[f"full {i}" for i in range(8)])
+        data.full_share = 0.5
+        model = build_on_meta(lambda: MMDiTX(load_config("tiny"))).to_empty(device="cpu")
+        return Trainer(model, data, TrainConfig(steps=8, batch_size=8), tmp_path, log_stream=None), conditioner
+
+    one, heard = trainer()
+    unbroken = []
+    for k in range(6):
+        one.micro_batch(k)
+        unbroken.append(heard.prompts)
+    assert len({tuple(p) for p in unbroken}) == 6 and any("" in p for p in unbroken)    # the draws do vary
+    resumed, heard = trainer()
+    for k in (3, 4, 5):
+        resumed.micro_batch(k)
+        assert heard.prompts == unbroken[k], k
+
+
 def test_scene_dataset_cached_captions_are_the_encoders_output():
     """cache=True encodes every caption once, up front: a batch gets what the text encoders give it on the fly."""
     from encoders import TextConditioner

@@ -124,8 +124,9 @@ def build_cache(examples: list[Example], files: ModelFiles, run_dir: str | Path,
 
 
 class CachedDataset:
-    """The cache opened for training: `batch(indices, flips)` -> latents (B, 16, h, w), context, pooled (fp16,
-    read from the memory-mapped files); `buckets` groups example indices by size."""
+    """The cache opened for training: `batch(indices, flips, generator)` -> latents (B, 16, h, w), context, pooled
+    (fp16, read from the memory-mapped files); `buckets` groups example indices by size. The trainer hands each
+    batch its micro-batch's generator for a dataset's own random choices; a cached example makes none."""
 
     def __init__(self, folder: str | Path):
         folder = Path(folder)
@@ -149,7 +150,7 @@ class CachedDataset:
             raise KeyError(f"prompt {prompt!r} is not in the cache (pass it when building the cache)") from None
         return self.text_file.tensor(f"context.{j}")[None], self.text_file.tensor(f"pooled.{j}")[None]
 
-    def batch(self, indices: list[int], flips: list[bool] | None = None):
+    def batch(self, indices: list[int], flips: list[bool] | None = None, generator: torch.Generator | None = None):
         flips = flips or [False] * len(indices)
         caps = [self.index["examples"][i]["caption"] for i in indices]
         x0 = torch.stack([self.latents.tensor(f"{i}.flip" if f else str(i)) for i, f in zip(indices, flips)])

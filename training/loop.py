@@ -1,7 +1,8 @@
 """The training loop: AdamW (or Muon), warm-up then constant or cosine LR, clipping, accumulation, optional EMA, DDP or FSDP.
 
 Every random choice of optimizer step `s`, micro-batch `m` comes from a generator seeded with (seed, s, m):
-the data order, flips, caption dropout, noise levels, noise and the positional crop. So a run resumed from a
+the data order, flips, caption dropout, noise levels, noise and the positional crop, and any choice the dataset
+makes itself (it is handed the generator: the demo's dropout and caption picks). So a run resumed from a
 saved state continues exactly as if it had not stopped, and K processes (each computing its shard of every
 global batch) draw the same numbers as one.
 """
@@ -152,7 +153,7 @@ class Trainer:
         g = torch.Generator().manual_seed(hash_seed(cfg.seed, k))
         indices = self.order.batch(k)
         flips = [bool(torch.rand(1, generator=g) < 0.5) and self.dataset.flip for _ in indices]
-        x0, context, pooled, *where = self.dataset.batch(indices, flips)
+        x0, context, pooled, *where = self.dataset.batch(indices, flips, generator=g)
         where = where[0] if where else None
         context, pooled = drop_captions(context, pooled, cfg.caption_dropout, self.dataset.layout, g)
         d = draw(cfg.objective, self.model.config, x0.shape, g)

@@ -60,7 +60,7 @@ class DemoOptions:
     checks: int = 300               # new scenes (beyond the training ones) the VAE gate reads back
     cache_captions: bool = True     # encode the transformer's captions once, up front (SceneDataset)
     compile: bool = True            # torch.compile the transformer's training step; see train_transformer
-    optimizer: str = "adamw"        # or "muon" (training.loop.make_optimizer)
+    optimizer: str = "muon"         # Muon for the blocks' matrices, or "adamw" (training.loop.make_optimizer)
 
 
 def write_json(path: Path, value) -> None:
@@ -200,7 +200,9 @@ class SceneDataset:
     The background fills ~90% of a scene; with a plain mean the first full runs learned it and little else.
     `full`: the same scenes in captions that name everything, read instead of `captions` with chance
     `full_share` (set by the caller as training goes on).
-    `cache`: encode every caption once, up front (see encode_once); else on the fly, batch by batch."""
+    `cache`: encode every caption once, up front (see encode_once); else on the fly, batch by batch.
+    Dropout and the full-caption pick draw from the `generator` the trainer hands each batch (its micro-batch's,
+    so a resumed run draws what the unbroken one did), else from the dataset's own, seeded with `seed`."""
 
     def __init__(self, latents: torch.Tensor, captions: list[str], conditioner, caption_dropout: float, seed: int,
                  objects: torch.Tensor | None = None, object_weight: float = 1.0, full: list[str] | None = None,
@@ -231,9 +233,10 @@ class SceneDataset:
         context[:, :clip.shape[1], :clip.shape[2]] = clip[pick]
         return context, pooled[pick]
 
-    def batch(self, indices: list[int], flips=None):
-        drop = torch.rand(len(indices), generator=self.generator) < self.dropout
-        full = torch.rand(len(indices), generator=self.generator) < self.full_share
+    def batch(self, indices: list[int], flips=None, generator: torch.Generator | None = None):
+        generator = generator or self.generator
+        drop = torch.rand(len(indices), generator=generator) < self.dropout
+        full = torch.rand(len(indices), generator=generator) < self.full_share
         prompts = ["" if d else (self.full if f else self.captions)[i]
                    for i, d, f in zip(indices, drop.tolist(), full.tolist())]
         context, pooled = self.encode(prompts)
