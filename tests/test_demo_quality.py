@@ -59,7 +59,7 @@ def test_the_probe_reads_what_features_carry_and_nothing_more():
 def test_the_shipped_text_encoders_carry_every_attribute(capsys):
     """What the transformer receives names every attribute of a one-object caption: a linear probe reads
     shape, colour, position, size and background from the padding tokens at >= 95% (version 5's encoders, which
-    version 6 keeps: 99.3-100%), from the pooled vector at >= 80% (version 5: shape 82.5%, the rest 94.8-100%;
+    versions 6 and 7 keep: 99.3-100%), from the pooled vector at >= 80% (version 5: shape 82.5%, the rest 94.8-100%;
     version 1's encoders: shape 96%, so the floor was 90% until version 5's retrained ones). So shape missing in
     the drawings is the transformer's (or the VAE's) limit, not what the tokens carry (docs/demo_model.md)."""
     sys.path.insert(0, str(ROOT))
