@@ -79,8 +79,8 @@ def test_restoration_check_on_the_shipped_model():
     """training.demo.train.restoration_check on 16 new scenes: from sigma 0 (the VAE's reconstruction) the
     reader gets shape and colour (the ceiling), from sigma 0.2 the model keeps them, and from pure noise it
     places the object where the prompt says (v7 measured on these 16: shape 15 / 15 / 11, position 16 / 16 / 16;
-    v6: shape 15 / 15 / 8; v5: shape 15 / 15 / 3; v3: shape 13 / 14 / 7, position 16 / 16 / 15; v2: shape 13 / 14 / 6, position 16 / 16 / 16;
-    v1 on 48: shape 81% / 79% / 25%, position 100/100/94%)."""
+    v6: shape 15 / 15 / 8; v5: shape 15 / 15 / 3; v3: shape 13 / 14 / 7, position 16 / 16 / 15; v2: shape
+    13 / 14 / 6, position 16 / 16 / 16; v1 on 48: shape 81% / 79% / 25%, position 100/100/94%)."""
     from mmditx import load_mmditx
     from training.demo.train import restoration_check
     from encoders import TextConditioner
