@@ -37,7 +37,7 @@ class DemoOptions:
     vae_steps: int = 1100
     vae_batch: int = 8
     vae_crop: int = 64              # the VAE trains on random crops: 4x cheaper, and it is convolutional
-    decoder_steps: int = 600        # the decoder fine-tuned alone, encoder frozen; see build_demo
+    decoder_steps: int = 1200       # the decoder fine-tuned alone, encoder frozen (600 until version 8); see build_demo
     decoder_lr: float = 2e-4
     steps: int = 6500
     batch_size: int = 16
@@ -516,6 +516,7 @@ def build_demo(work: str | Path, out: str | Path, opts: DemoOptions = DemoOption
     # The decoder alone, on as many of the VAE's scenes as it draws samples, their object pixels counted
     # opts.object_weight times: the encoder, and so the latents, stay as they are. It sharpened the colours the
     # whole VAE left near a neighbour (red on gray decoded orange); docs/demo_model.md, "The VAE's colours".
+    # 600 steps left yellow on gray decoded orange, 1,200 yellow (version 9, "A longer decoder stage").
     if tuned_file.is_file():
         vae = load_vae(tuned_file)
     else:
