@@ -90,6 +90,29 @@ def test_training_phases_one_object_first_then_full_captions_then_the_mix():
         (True, 1.0, 3), (False, 1.0, 4), (False, 1.0, 6), (False, 0.25, 8), (False, 0.25, 10), (False, 0.25, 10)]
 
 
+def test_phase_orders_one_object_scenes_first_then_every_scene_two_object_ones_repeated():
+    from collections import Counter
+
+    from training.demo.shapes import random_scene
+    from training.demo.train import DemoOptions, phase_orders
+    from training.loop import BatchOrder
+
+    rng = np.random.default_rng(0)
+    scenes = [random_scene(rng, n_objects=1 + i % 3 // 2) for i in range(30)]     # 10 of 30 with two objects
+    buckets = {(16, 16): list(range(30))}
+    two = {i for i, s in enumerate(scenes) if len(s.objects) == 2}
+    assert len(two) == 10
+
+    def seen(order, epochs=1):   # how often each scene comes in the first epochs
+        return Counter(i for e in range(epochs) for batch in order.epoch(e) for i in batch)
+
+    plain = phase_orders(scenes, buckets, DemoOptions(batch_size=5, seed=3))
+    assert set(seen(plain[True])) == set(range(30)) - two
+    assert plain[False].epoch(0) == BatchOrder(buckets, 5, 3).epoch(0)      # the trainer's own order
+    counts = seen(phase_orders(scenes, buckets, DemoOptions(batch_size=5, seed=3, two_object_repeat=3))[False])
+    assert {counts[i] for i in two} == {3} and {counts[i] for i in set(range(30)) - two} == {1}
+
+
 class _Recorder:
     """A text conditioner that keeps the prompts it was asked to encode."""
     clip_l = clip_g = type("Clip", (), {"config": type("Config", (), {"width": 1})})

@@ -53,6 +53,7 @@ class DemoOptions:
     text_batch: int = 256
     text_lr: float = 1e-3
     one_object_steps: int = 1500    # first steps: one-object scenes only; see train_transformer
+    two_object_repeat: int = 1      # after them, each two-object scene comes this many times an epoch
     full_caption_steps: int = 4500  # steps on captions that name everything before the mix; see train_transformer
     full_caption_share: float = 0.5  # after full_caption_steps, the share of captions still in full
     check_every: int = 1000         # steps between caption checks (see caption_check)
@@ -395,12 +396,25 @@ def training_phase(step: int, opts: DemoOptions) -> tuple[bool, float, int]:
     return step < opts.one_object_steps, full_share, until
 
 
+def phase_orders(scenes: list[Scene], buckets: dict, opts: DemoOptions) -> dict:
+    """The batch orders by phase, keyed by "one-object scenes only?": those scenes alone; then every scene, each
+    two-object one opts.two_object_repeat times an epoch (1: the trainer's own order)."""
+    from training.loop import BatchOrder
+
+    two = {i for i, scene in enumerate(scenes) if len(scene.objects) == 2}
+    only_one = {key: [i for i in items if i not in two] for key, items in buckets.items()}
+    repeated = {key: items + [i for i in items if i in two] * (opts.two_object_repeat - 1)
+                for key, items in buckets.items()}
+    return {True: BatchOrder(only_one, opts.batch_size, opts.seed),
+            False: BatchOrder(repeated, opts.batch_size, opts.seed)}
+
+
 def train_transformer(latents, captions, scenes, objects, vae, model_dir: Path, opts: DemoOptions, work: Path,
                       log: Log):
     from encoders import TextConditioner
     from mmditx import MMDiTX
     from mmditx.init import init_weights
-    from training.loop import BatchOrder, TrainConfig, Trainer
+    from training.loop import TrainConfig, Trainer
     from training.objective import Objective
 
     conditioner = TextConditioner.from_model_dir(model_dir, t5="off")
@@ -438,10 +452,8 @@ def train_transformer(latents, captions, scenes, objects, vae, model_dir: Path, 
     # in full), so the first steps show one object only: held-out shape 36.7% -> 50.0% with 3,000 such steps,
     # 45.3% with 1,500, which leave the two objects' positions their steps (held-out position 87.5% -> 93.0%;
     # docs/demo_model.md, "Captions that leave attributes out" and "One object first").
-    one_object = [i for i, scene in enumerate(scenes) if len(scene.objects) == 1]
     trainer = Trainer(model, dataset, config, work / "transformer")
-    orders = {True: BatchOrder({key: one_object for key in dataset.buckets}, opts.batch_size, opts.seed),
-              False: trainer.order}
+    orders = phase_orders(scenes, dataset.buckets, opts)
     state = work / "transformer" / "state.pt"
     if state.is_file():
         trainer.resume(state)
