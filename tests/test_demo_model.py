@@ -113,6 +113,17 @@ def test_phase_orders_one_object_scenes_first_then_every_scene_two_object_ones_r
     assert {counts[i] for i in two} == {3} and {counts[i] for i in set(range(30)) - two} == {1}
 
 
+def test_train_demo_refuses_a_repeat_below_one_before_any_stage(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    from scripts.errors import run_cli
+    from scripts.train_demo import main
+
+    assert run_cli(main, ["--work", str(tmp_path / "w"), "--two-object-repeat", "0"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: --two-object-repeat must be at least 1 (got 0): it is how "
+                                               "many times each two-object scene comes in an epoch")
+    assert not (tmp_path / "w").exists()
+
+
 class _Recorder:
     """A text conditioner that keeps the prompts it was asked to encode."""
     clip_l = clip_g = type("Clip", (), {"config": type("Config", (), {"width": 1})})

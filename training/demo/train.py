@@ -63,6 +63,11 @@ class DemoOptions:
     compile: bool = True            # torch.compile the transformer's training step; see train_transformer
     optimizer: str = "muon"         # Muon for the blocks' matrices, or "adamw" (training.loop.make_optimizer)
 
+    def __post_init__(self):        # checked before any stage runs, not when the transformer's turn comes
+        if self.two_object_repeat < 1:
+            raise ValueError(f"--two-object-repeat must be at least 1 (got {self.two_object_repeat}): it is how many "
+                             "times each two-object scene comes in an epoch")
+
 
 def write_json(path: Path, value) -> None:
     """Whole or not at all (a temporary file renamed into place): a stopped run re-reads these files."""
