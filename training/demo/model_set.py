@@ -32,7 +32,7 @@ from mmditx import MMDiTX, MMDiTXConfig
 from mmditx.checkpoint import save_safetensors
 from vae import VAE, VAEConfig
 
-VERSION = 10
+VERSION = 11
 SIZE = 128                                         # native image side, pixels
 CLIP_WIDTH, CLIP_LAYERS, CLIP_MLP = 64, 2, 256
 TRANSFORMER = MMDiTXConfig(hidden_size=128, depth=10, pos_embed_max_size=SIZE // 16, context_dim=4096,
