@@ -47,16 +47,22 @@ def warmup_cosine(step: int, steps: int, warmup: int) -> float:
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
-def vae_loss(vae: VAE, images: torch.Tensor, generator: torch.Generator | None, kl_weight: float):
-    """images (B, 3, H, W) in [-1, 1] -> (loss, reconstruction (B, 3, H, W)), with gradients."""
+def vae_loss(vae: VAE, images: torch.Tensor, generator: torch.Generator | None, kl_weight: float,
+             weight: torch.Tensor | None = None):
+    """images (B, 3, H, W) in [-1, 1] -> (loss, reconstruction (B, 3, H, W)), with gradients. `weight`
+    (B, 1, H, W), if given, weighs each pixel's L1 + MSE (the mean of the weighted sum)."""
     mean, logvar = vae.encoder(images).chunk(2, dim=1)                    # (B, 16, H/8, W/8) each
     logvar = logvar.clamp(*LOGVAR_RANGE)
     noise = torch.randn(mean.shape, generator=generator).to(mean)
     z = mean + torch.exp(0.5 * logvar) * noise
     recon = vae.decoder(z)                                                # (B, 3, H, W)
     kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
-    loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * kl
-    return loss, recon
+    if weight is None:
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    else:
+        error = recon - images
+        loss = (weight * (error.abs() + error.square())).mean()
+    return loss + kl_weight * kl, recon
 
 
 def object_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -90,15 +96,19 @@ def optimise(parameters, config: VAETrainConfig, batch_loss: Callable[[torch.Gen
 
 
 def train_vae(vae: VAE, images: torch.Tensor, config: VAETrainConfig = VAETrainConfig(),
-              log: Callable[[str], None] | None = None, every: int = 50) -> list[dict]:
-    """Train `vae` in place on `images` (N, 3, H, W) uint8; batches drawn at random (seeded). Returns the log."""
+              log: Callable[[str], None] | None = None, every: int = 50, objects: torch.Tensor | None = None,
+              object_weight: float = 1.0) -> list[dict]:
+    """Train `vae` in place on `images` (N, 3, H, W) uint8; batches drawn at random (seeded). With `objects`
+    (N, 1, H, W) bool, the object pixels of `images` (object_pixels of the uncropped scenes), those pixels count
+    `object_weight` times in the loss, as in train_decoder. Returns the log."""
     vae.train().requires_grad_(True)
     with torch.no_grad():   # start with little posterior noise (std 0.05): the decoder first learns to decode
         vae.encoder.conv_out.bias[vae.config.z_channels:].fill_(-6.0)
 
     def batch_loss(g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(images), (config.batch_size,), generator=g)
-        return vae_loss(vae, pixels_to_unit(images[idx]), g, config.kl_weight)[0]
+        weight = None if objects is None else 1 + (object_weight - 1) * objects[idx].float()
+        return vae_loss(vae, pixels_to_unit(images[idx]), g, config.kl_weight, weight)[0]
 
     history = optimise(vae.parameters(), config, batch_loss, "vae", log, every)
     vae.eval().requires_grad_(False)

@@ -37,6 +37,7 @@ class DemoOptions:
     vae_steps: int = 1100
     vae_batch: int = 8
     vae_crop: int = 64              # the VAE trains on random crops: 4x cheaper, and it is convolutional
+    vae_object_weight: float = 1.0  # object pixels' loss weight in the VAE stage (5: a better codec, a worse model; docs)
     decoder_steps: int = 1200       # the decoder fine-tuned alone, encoder frozen (600 until version 8); see build_demo
     decoder_lr: float = 2e-4
     steps: int = 6500
@@ -127,8 +128,14 @@ def train_autoencoder(images: torch.Tensor, opts: DemoOptions, log: Log):
 
     torch.manual_seed(opts.seed)
     vae = VAE(AUTOENCODER)
-    crops = random_crops(images, opts.vae_crop, opts.seed)
-    train_vae(vae, crops, VAETrainConfig(steps=opts.vae_steps, batch_size=opts.vae_batch, seed=opts.seed), log=log, every=100)
+    weighted = opts.vae_object_weight != 1
+    # the object pixels are found on the whole scenes (objects never reach their corners; a crop's corner may
+    # lie on one) and cropped with them, as a fourth channel
+    crops = random_crops(torch.cat([images, object_pixels(images).byte()], 1) if weighted else images,
+                         opts.vae_crop, opts.seed)
+    train_vae(vae, crops[:, :3], VAETrainConfig(steps=opts.vae_steps, batch_size=opts.vae_batch, seed=opts.seed),
+              log=log, every=100, objects=crops[:, 3:].bool() if weighted else None,
+              object_weight=opts.vae_object_weight)
     a = match_latent_scale(vae, images[:2000])
     log(f"vae: latent rescaled by {a:.4f} so that SD3's scale and shift give unit variance")
     return vae
