@@ -1,7 +1,8 @@
 """Training the SD3 autoencoder (vae.VAE): reconstruction + a small KL term, then the latent scale fixed.
 
 The loss per image is   L1(x, x') + MSE(x, x') + kl_weight * KL(q(z|x) || N(0, 1))   with z drawn by the
-reparameterisation trick (the encoder's mean and log-variance, as `VAE.encode` samples). No adversarial or
+reparameterisation trick (the encoder's mean and log-variance, as `VAE.encode` samples), optionally with each
+pixel's L1 + MSE weighted (object pixels counted more: `train_vae`'s `objects`, `train_decoder`). No adversarial or
 perceptual term: the demo's images are flat colours on plain backgrounds, where pixel losses suffice (the
 SD3 VAE itself was trained with LPIPS and a GAN loss on photographs).
 
