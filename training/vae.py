@@ -50,20 +50,29 @@ def warmup_cosine(step: int, steps: int, warmup: int) -> float:
 
 def vae_loss(vae: VAE, images: torch.Tensor, generator: torch.Generator | None, kl_weight: float,
              weight: torch.Tensor | None = None):
-    """images (B, 3, H, W) in [-1, 1] -> (loss, reconstruction (B, 3, H, W)), with gradients. `weight`
-    (B, 1, H, W), if given, weighs each pixel's L1 + MSE (the mean of the weighted sum)."""
+    """images (B, 3, H, W) in [-1, 1] -> (loss, reconstruction (B, 3, H, W)), with gradients; `weight` as in
+    pixel_loss."""
     mean, logvar = vae.encoder(images).chunk(2, dim=1)                    # (B, 16, H/8, W/8) each
     logvar = logvar.clamp(*LOGVAR_RANGE)
     noise = torch.randn(mean.shape, generator=generator).to(mean)
     z = mean + torch.exp(0.5 * logvar) * noise
     recon = vae.decoder(z)                                                # (B, 3, H, W)
     kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
+    return pixel_loss(recon, images, weight) + kl_weight * kl, recon
+
+
+def pixel_loss(recon: torch.Tensor, images: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """L1 + MSE of `recon` against `images` (B, 3, H, W), averaged over pixels; `weight` (B, 1, H, W), if given,
+    weighs each pixel's term (the mean of the weighted sum)."""
     if weight is None:
-        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
-    else:
-        error = recon - images
-        loss = (weight * (error.abs() + error.square())).mean()
-    return loss + kl_weight * kl, recon
+        return F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    error = recon - images
+    return (weight * (error.abs() + error.square())).mean()
+
+
+def object_weights(objects: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """(B, 1, H, W) float: 1 on the background, `object_weight` on the object pixels `objects` (bool)."""
+    return 1 + (object_weight - 1) * objects.float()
 
 
 def object_pixels(images: torch.Tensor) -> torch.Tensor:
@@ -108,7 +117,7 @@ def train_vae(vae: VAE, images: torch.Tensor, config: VAETrainConfig = VAETrainC
 
     def batch_loss(g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(images), (config.batch_size,), generator=g)
-        weight = None if objects is None else 1 + (object_weight - 1) * objects[idx].float()
+        weight = None if objects is None else object_weights(objects[idx], object_weight)
         return vae_loss(vae, pixels_to_unit(images[idx]), g, config.kl_weight, weight)[0]
 
     history = optimise(vae.parameters(), config, batch_loss, "vae", log, every)
@@ -135,9 +144,7 @@ def train_decoder(vae: VAE, latents: torch.Tensor, images: torch.Tensor, config:
         z = vae.to_vae_latent(latents[idx, :, top:top + crop, left:left + crop].float())
         pixels = images[idx, :, top * f:(top + crop) * f, left * f:(left + crop) * f]
         away = object_pixels(images[idx])[:, :, top * f:(top + crop) * f, left * f:(left + crop) * f]
-        weight = 1 + (object_weight - 1) * away.float()                    # (B, 1, 8 crop, 8 crop)
-        error = vae.decoder(z) - pixels_to_unit(pixels)
-        return (weight * (error.abs() + error.square())).mean()
+        return pixel_loss(vae.decoder(z), pixels_to_unit(pixels), object_weights(away, object_weight))
 
     history = optimise(vae.decoder.parameters(), config, batch_loss, "decoder", log, every)
     vae.decoder.eval().requires_grad_(False)

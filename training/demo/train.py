@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mmditx.checkpoint import written_whole
-from training.vae import object_pixels, pixels_to_unit
+from training.vae import object_pixels, object_weights, pixels_to_unit
 from vae import image_to_tensor
 
 from .evaluate import Trial, accuracies, format_table, read_image, score
@@ -255,7 +255,7 @@ class SceneDataset:
         context, pooled = self.encode(prompts)
         if self.objects is None or self.object_weight == 1:
             return self.latents[indices].float(), context, pooled
-        where = 1 + (self.object_weight - 1) * self.objects[indices].float()
+        where = object_weights(self.objects[indices], self.object_weight)
         return self.latents[indices].float(), context, pooled, where
 
 
